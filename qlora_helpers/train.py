@@ -1,0 +1,236 @@
+"""Stage 3: train the LoRA adapter with transformers' Trainer, resumably and observably.
+
+Plain Trainer rather than TRL's SFTTrainer: stage 1 already produced input_ids and labels with
+the prompt masked, so all that is left is batching, and the Trainer's own checkpoint/resume is
+what makes a lost Kaggle session cost minutes instead of the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .data import IGNORE_INDEX, load_split
+from .model import hardware, choose_compute_dtype
+from .runs import memory_snapshot, peak_rss_gib, peak_gpu_reserved_gib, write_json
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def to_dataset(examples: list[dict[str, Any]]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples],
+                              "labels": [e["labels"] for e in examples]})
+
+
+def make_collator(cfg: Config, tokenizer):
+    """Padding-free packing by default: the batch is one row, position_ids restart at each example,
+    and the attention (sdpa/flex/eager in transformers 5) is masked block-diagonally, so no token
+    sees another example. Padded batches are the fallback."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.train.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def resolve_optim(cfg: Config, device: str) -> str:
+    if cfg.train.optim != "auto":
+        return cfg.train.optim
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+def training_arguments(cfg: Config, run_dir: Path, compute_dtype: str, device: str):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(run_dir / "train" / "checkpoints"),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
+        weight_decay=t.weight_decay,
+        optim=resolve_optim(cfg, device),
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        seed=t.seed,
+        data_seed=t.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        use_cpu=device == "cpu",
+    )
+
+
+def metrics_callback(cfg: Config, run_dir: Path):
+    """Appends one JSON line per log event to run_dir/train/metrics.jsonl; a resumed run first drops the
+    lines past the checkpoint it resumes from, so every step appears exactly once."""
+    from transformers import TrainerCallback
+
+    path = run_dir / "train" / "metrics.jsonl"
+    examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+
+    class MetricsJsonl(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.time()
+            self.elapsed_before = 0.0
+            self.last = (time.time(), state.num_input_tokens_seen)
+            kept = []
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    rec = json.loads(line)
+                    if rec["step"] <= state.global_step:
+                        kept.append(line)
+                        self.elapsed_before = max(self.elapsed_before, rec.get("elapsed_s", 0.0))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(l + "\n" for l in kept))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "train_loss" in logs:  # the end-of-training summary, not a step
+                return
+            now, tokens = time.time(), state.num_input_tokens_seen
+            is_eval = "eval_loss" in logs
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "kind": "eval" if is_eval else "train"}
+            if is_eval:
+                rec.update(eval_loss=logs["eval_loss"])
+            else:
+                dt = now - self.last[0]
+                rec.update(loss=logs.get("loss"), learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                           tokens_per_s=round((tokens - self.last[1]) / dt, 1) if dt > 0 else None)
+                self.last = (now, tokens)
+                loss = logs.get("loss")
+                if loss is not None and not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training loss became {loss} at step {state.global_step}: likely fp16 overflow "
+                        "(try quant.compute_dtype=bfloat16 on a GPU that has it) or a learning rate too high "
+                        f"(train.learning_rate={cfg.train.learning_rate}); the last good checkpoint is kept")
+            rec.update(tokens_seen=tokens, examples_seen=state.global_step * examples_per_step * max(1, args.world_size),
+                       peak_gpu_reserved_gib=peak_gpu_reserved_gib(), peak_rss_gib=peak_rss_gib(),
+                       elapsed_s=round(self.elapsed_before + now - self.t0, 2))
+            if args.process_index == 0:
+                with open(path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+    return MetricsJsonl()
+
+
+def time_budget_callback(max_minutes: float):
+    """Stops cleanly, with a checkpoint, before the session's time runs out."""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        stopped = False
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.deadline = time.time() + max_minutes * 60
+
+        def on_step_end(self, args, state, control, **kw):
+            if max_minutes and time.time() >= self.deadline:
+                control.should_save = True
+                control.should_training_stop = True
+                TimeBudget.stopped = True
+
+    return TimeBudget()
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = run_dir / "train" / "checkpoints"
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+
+
+def build_trainer(cfg: Config, run_dir: str | Path, model, tokenizer):
+    """The Trainer for this config, on the datasets stage 1 wrote."""
+    from transformers import Trainer
+
+    run_dir = Path(run_dir)
+    hw = hardware()
+    compute_dtype = choose_compute_dtype(cfg.quant.compute_dtype, hw)
+    train_ds = to_dataset(load_split(run_dir, "train"))
+    val = load_split(run_dir, "val")
+    if cfg.eval.max_val_examples:
+        val = val[: cfg.eval.max_val_examples]
+    budget = time_budget_callback(cfg.train.max_minutes)
+    # transformers recognises packed rows (and masks attention between examples) only when no KV cache is
+    # built; with use_cache on, an eval-mode forward would silently attend across examples.
+    model.config.use_cache = False
+    trainer = Trainer(model=model, args=training_arguments(cfg, run_dir, compute_dtype, hw["device"]),
+                      train_dataset=train_ds, eval_dataset=to_dataset(val),
+                      data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
+                      callbacks=[metrics_callback(cfg, run_dir), budget])
+    trainer.time_budget = budget
+    return trainer
+
+
+def train(cfg: Config, run_dir: str | Path, trainer) -> dict[str, Any]:
+    """Train (resuming from the latest checkpoint if there is one), save the best adapter, write metrics."""
+    import torch
+
+    run_dir = Path(run_dir)
+    resume = last_checkpoint(run_dir)
+    resumed_from = int(resume.rsplit("-", 1)[-1]) if resume else None
+    t0 = time.time()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError:
+        mem = memory_snapshot()
+        raise RuntimeError(
+            f"out of GPU memory during training (peak reserved {mem['peak_gpu_reserved_gib']} GiB): lower "
+            f"train.micro_batch_size (now {cfg.train.micro_batch_size}) and raise train.grad_accum, lower "
+            f"data.max_seq_len (now {cfg.data.max_seq_len}), or set train.gradient_checkpointing=true") from None
+    wall = time.time() - t0
+    adapter_dir = run_dir / "adapter"
+    trainer.save_model(str(adapter_dir))  # the best adapter by eval_loss (load_best_model_at_end)
+    state = trainer.state
+    n_train = len(trainer.train_dataset)
+    examples_seen = state.global_step * cfg.train.micro_batch_size * cfg.train.grad_accum * max(1, trainer.args.world_size)
+    metrics = {
+        "steps": state.global_step,
+        "max_steps": cfg.train.max_steps,
+        "resumed_from_step": resumed_from,
+        "stopped_by_time_budget": bool(getattr(trainer.time_budget, "stopped", False)),
+        "examples_seen": examples_seen,
+        "epochs": round(examples_seen / max(1, n_train), 4),
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round((state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen) / wall, 1) if wall else None,
+        "train_loss": round(result.training_loss, 4),
+        "best_eval_loss": state.best_metric,
+        "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+        "packing": cfg.train.packing,
+        "optim": trainer.args.optim.value if hasattr(trainer.args.optim, "value") else str(trainer.args.optim),
+        "compute_dtype": choose_compute_dtype(cfg.quant.compute_dtype, hardware()),
+        "memory": memory_snapshot(),
+    }
+    write_json(run_dir / "train" / "metrics.json", metrics)
+    return metrics
+
+
+def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "train" / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from qlora_helpers.config import PROFILES, ConfigError, build_config, load_config
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_profile_builds_and_round_trips(profile, tmp_path):
+    cfg = build_config(profile)
+    cfg.save(tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+
+
+def test_overrides_are_typed():
+    cfg = build_config("embedded", ["lora.r=8", "train.packing=false", "train.learning_rate=1e-3", "data.source=x.json"])
+    assert cfg.lora.r == 8 and cfg.train.packing is False and cfg.train.learning_rate == 1e-3
+    assert cfg.data.source == "x.json"
+
+
+def test_kaggle_profile_targets_phi3_fused_projections_in_fp16():
+    cfg = build_config("kaggle-t4")
+    assert cfg.model.name == "microsoft/Phi-3-mini-4k-instruct"
+    assert cfg.lora.target_modules == "qkv_proj,o_proj,gate_up_proj,down_proj"
+    assert cfg.quant.compute_dtype == "float16" and cfg.quant.mode == "nf4" and cfg.quant.double_quant
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (32, 64, 0.1)
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.max_steps) == (1, 8, 120)
+    assert (cfg.data.train_size, cfg.data.val_size) == (4000, 1000)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("lora.r=abc", "config key 'lora.r': expected int, got 'abc'"),
+    ("no_such_key=1", "unknown config key 'no_such_key'"),
+    ("lora.rank=4", "unknown config key 'lora.rank'"),
+    ("train.packing=maybe", "config key 'train.packing': expected bool"),
+    ("quant.mode=nf3", "config key 'quant.mode': 'nf3' is not one of"),
+    ("lora.r=0", "config key 'lora.r': must be > 0"),
+    ("noequals", "expected key=value"),
+])
+def test_bad_override_is_an_error_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        build_config("embedded", [override])
+    assert fragment in str(err.value)
+
+
+def test_save_steps_must_be_a_multiple_of_eval_steps():
+    with pytest.raises(ConfigError, match="save_steps must be a multiple of eval_steps"):
+        build_config("embedded", {"train.save_steps": 10, "train.eval_steps": 4})
+
+
+@pytest.mark.parametrize("override, key", [("lora.r=abc", "lora.r"), ("no_such_key=1", "no_such_key")])
+def test_cli_rejects_a_bad_override_at_once_in_one_line(override, key, tmp_path):
+    proc = run_cli("run", "--run-dir", str(tmp_path / "run"), "-p", override, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_profile(tmp_path):
+    proc = run_cli("run", "--profile", "nope", "--run-dir", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "unknown profile 'nope'" in proc.stderr
+
+
+def test_profiles_command_lists_every_key():
+    proc = run_cli("profiles", timeout=60)
+    assert proc.returncode == 0
+    for key in build_config("embedded").flat():
+        assert key in proc.stdout

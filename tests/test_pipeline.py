@@ -1,0 +1,36 @@
+"""The papermill pipeline end to end, through the CLI, on the fast `test` profile."""
+import json
+
+from conftest import REPO, run_cli
+
+
+def test_pipeline_runs_every_notebook_and_writes_the_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "--profile", "test", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
+    assert executed == sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["profile"] == "test"
+    assert s["params"]["total"] > 130e6 and 0 < s["params"]["trainable"] < s["params"]["total"]
+    assert s["memory"]["peak_gpu_reserved_gib"] is None and s["memory"]["peak_rss_gib"] > 0
+    assert s["train"]["steps"] == 4 and s["train"]["examples_seen"] == 16
+    assert s["train"]["tokens_seen"] > 0 and s["train"]["wall_s"] > 0
+    for key in ("val_loss_before", "val_loss_after", "exact_match_before", "exact_match_after"):
+        assert s["eval"][key] is not None
+    for key in ("metrics", "adapter", "report", "loss_plot"):
+        assert (run_dir / s["artifacts"][key]).exists(), key
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    report = (run_dir / "report.md").read_text()
+    assert "validation loss" in report and "transformers" in report
+    lines = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_failing_stage_names_the_notebook_and_the_error(tmp_path):
+    proc = run_cli("run", "--profile", "test", "--run-dir", str(tmp_path / "run"),
+                   "-p", f"data.source={tmp_path / 'missing.jsonl'}", timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "01_data_preparation.ipynb failed in cell" in last and "DataError" in last and "missing.jsonl" in last
+    assert not (tmp_path / "run" / "notebooks" / "02_quantized_model_loading.ipynb").exists()
