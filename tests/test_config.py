@@ -69,3 +69,11 @@ def test_profiles_command_lists_every_key():
     assert proc.returncode == 0
     for key in build_config("embedded").flat():
         assert key in proc.stdout
+
+
+def test_readme_lists_every_key():
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [k for k in build_config("embedded").flat() if k != "profile" and f"`{k}`" not in readme]
+    assert not missing, f"README.md does not list: {missing}"
