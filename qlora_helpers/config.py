@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A user's configuration mistake: printed as one line, never as a traceback."""
+class UserError(ValueError):
+    """A user's mistake (config, data, model choice): the CLI prints it as one line, never a traceback."""
+
+
+class ConfigError(UserError):
+    """A configuration mistake, naming the key."""
 
 
 @dataclass

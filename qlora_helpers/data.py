@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import Config, UserError
 from .runs import write_json
 
 IGNORE_INDEX = -100
@@ -29,7 +29,7 @@ ALPACA_PROMPT = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data, named by file, row and field; printed as one line."""
 
 
