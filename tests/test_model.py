@@ -1,9 +1,17 @@
+import json
+import math
+
 import pytest
 import torch
 
 from qlora_helpers import ConfigError, build_config
-from qlora_helpers.model import (attach_lora, choose_compute_dtype, count_parameters, linear_module_names,
-                                 load_base_model, lora_coverage, resolve_targets)
+from qlora_helpers.__main__ import main
+from qlora_helpers.model import (attach_lora, build_random_model, choose_compute_dtype, count_parameters,
+                                 estimate_weight_bytes, hardware, kaggle_input_match, linear_module_names,
+                                 load_base_model, load_tokenizer, lora_coverage, parameter_dtypes, resolve_model_path,
+                                 resolve_targets, weight_bytes, write_model_metrics)
+
+from conftest import run_cli
 
 TINY = dict(vocab_size=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
@@ -84,3 +92,301 @@ def test_compute_dtype_follows_the_hardware():
 def test_bf16_on_a_t4_is_refused_before_loading():
     with pytest.raises(ConfigError, match=r"Tesla T4 \(compute capability 7.5\) has no bf16 support; set quant.compute_dtype=float16"):
         choose_compute_dtype("bfloat16", T4)
+
+
+def test_bf16_on_a_t4_stops_load_base_model_before_any_download(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr("qlora_helpers.model.hardware", lambda: T4)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match="set quant.compute_dtype=float16"):
+        load_base_model(build_config("test", {"model.name": "microsoft/Phi-3-mini-4k-instruct", "quant.compute_dtype": "bfloat16"}))
+
+
+# --------------------------------------------------------------------------- where the weights come from
+def _fake_model_folder(folder, weights="model.safetensors"):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    if weights:
+        (folder / weights).write_bytes(b"")
+    return folder
+
+
+def test_a_model_attached_under_kaggle_input_is_found_by_its_words(tmp_path):
+    root = tmp_path / "input"
+    _fake_model_folder(root / "phi-3/transformers/phi-3-mini-4k-instruct/1")
+    newest = _fake_model_folder(root / "phi-3/transformers/phi-3-mini-4k-instruct/2")
+    long_context = _fake_model_folder(root / "phi-3/transformers/phi-3-mini-128k-instruct/3")
+    _fake_model_folder(root / "phi-3-mini-4k-instruct-onnx/onnx/cpu/1", weights="model.onnx")  # no HF weights
+    qwen = _fake_model_folder(root / "qwen2.5/transformers/0.5b-instruct/1/Qwen2.5-0.5B-Instruct")
+    (root / "alpaca/data").mkdir(parents=True)
+    (root / "alpaca/data/train.json").write_text("[]")
+
+    assert kaggle_input_match("microsoft/Phi-3-mini-4k-instruct", root) == newest
+    assert kaggle_input_match("microsoft/Phi-3-mini-128k-instruct", root) == long_context
+    assert kaggle_input_match("Qwen/Qwen2.5-0.5B-Instruct", root) == qwen
+    assert kaggle_input_match("meta-llama/Llama-3.2-1B", root) is None
+    assert kaggle_input_match("microsoft/Phi-3-mini-4k-instruct", tmp_path / "no-such-root") is None
+
+
+def test_sources_in_order_local_then_kaggle_input_then_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr("qlora_helpers.model.KAGGLE_INPUT", tmp_path / "input")
+    attached = _fake_model_folder(tmp_path / "input/phi-3/transformers/phi-3-mini-4k-instruct/1")
+    phi3 = build_config("kaggle-t4")
+    assert resolve_model_path(phi3) == (str(attached), f"Kaggle input {attached}")
+    hub = build_config("test", {"model.name": "HuggingFaceTB/SmolLM2-135M-Instruct", "model.revision": "main"})
+    assert resolve_model_path(hub) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "Hugging Face Hub HuggingFaceTB/SmolLM2-135M-Instruct @ main")
+    nested = _fake_model_folder(tmp_path / "mine/1/model")  # a Kaggle version folder holding the model one level down
+    assert resolve_model_path(build_config("test", {"model.name": str(tmp_path / "mine")}))[0] == str(nested)
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        resolve_model_path(build_config("test", {"model.name": str(tmp_path / "typo")}))
+    with pytest.raises(ConfigError, match="holds no weights.*inspect-model"):
+        load_base_model(build_config("test", {"model.name": str(_fake_model_folder(tmp_path / "bare", weights=None))}))
+
+
+def test_remote_code_runs_only_when_asked(monkeypatch):
+    import transformers
+
+    seen = []
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda path, **kw: seen.append(kw) or TINY)
+    from qlora_helpers.model import load_model_config
+
+    load_model_config(build_config("test", {"model.name": "owner/model"}))
+    load_model_config(build_config("test", {"model.name": "owner/model", "model.trust_remote_code": True}))
+    assert [kw["trust_remote_code"] for kw in seen] == [False, True]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny("llama").save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def bf16():
+    if not hardware()["bf16"]:
+        pytest.skip("this CPU has no bf16")
+    return "bfloat16"
+
+
+@pytest.mark.parametrize("mode, double_quant, layer", [("nf4", True, "Linear4bit"), ("nf4", False, "Linear4bit"),
+                                                       ("fp4", True, "Linear4bit"), ("int8", False, "Linear8bitLt"),
+                                                       ("none", False, "Linear")])
+def test_each_quant_mode_loads_and_its_size_is_known_from_shapes(tiny_llama_dir, bf16, mode, double_quant, layer):
+    # int8 runs on the CPU with bitsandbytes 0.50 (activations are cast to fp16 for the int8 matmul)
+    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.mode": mode,
+                                "quant.double_quant": double_quant, "quant.compute_dtype": bf16})
+    model = load_base_model(cfg)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer
+    if layer == "Linear4bit":
+        assert (q_proj.weight.quant_state.quant_type, q_proj.weight.quant_state.nested) == (mode, double_quant)
+        assert q_proj.compute_dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert count_parameters(model)["total"] == sum(p.numel() for p in tiny("llama").parameters())
+    assert estimate_weight_bytes(model, cfg, bf16)["total_bytes"] == weight_bytes(model)
+    ids = torch.randint(2, 256, (2, 8))
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+def _write_tiny_gguf(path):
+    """A tiny random Llama as a GGUF file (f32 tensors, a byte-level llama tokenizer)."""
+    import gguf
+
+    model = tiny("llama")
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(c.vocab_size - 3)])
+    writer.add_token_scores([0.0] * c.vocab_size)
+    writer.add_token_types([2, 3, 3] + [6] * (c.vocab_size - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for key, value in model.state_dict().items():
+        writer.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), value.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def test_a_gguf_file_loads_dequantized_then_quantized_as_configured(tmp_path, bf16):
+    original = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    cfg = build_config("test", {"model.name": str(tmp_path / "tiny.gguf"), "quant.compute_dtype": bf16})
+    path, source = resolve_model_path(cfg)
+    assert path == str(tmp_path / "tiny.gguf") and source.startswith("GGUF file")
+    model = load_base_model(cfg)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert model.hf_quantizer.quantization_config.bnb_4bit_quant_type == "nf4"
+    assert count_parameters(model)["total"] == sum(p.numel() for p in original.parameters())
+    tokenizer = load_tokenizer(cfg)
+    ids = torch.tensor([tokenizer("hello").input_ids])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    plain = load_base_model(build_config("test", {"model.name": str(tmp_path / "tiny.gguf"), "quant.mode": "none",
+                                                  "quant.compute_dtype": "float32"}))
+    assert torch.equal(plain.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
+
+
+# --------------------------------------------------------------------------- 16-bit stays 16-bit, LoRA options
+def test_16bit_compute_keeps_embeddings_and_head_16bit_and_lora_trains(tiny_llama_dir, bf16):
+    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16,
+                                "train.gradient_checkpointing": True})
+    model = attach_lora(cfg, load_base_model(cfg))
+    base = model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == base.lm_head.weight.dtype == base.model.norm.weight.dtype == torch.bfloat16
+    dtypes = parameter_dtypes(model)
+    assert set(dtypes) == {"4bit", "bfloat16", "float32"}
+    assert dtypes["float32"] == count_parameters(model)["trainable"]  # only the adapters are fp32
+    model.train()
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    before = lora_b.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(2, 256, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(lora_b, before)
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16 and base.model.embed_tokens.weight.grad is None
+
+
+def test_rslora_dora_and_modules_to_save_reach_the_peft_model(bf16):
+    cfg = build_config("test", {"quant.compute_dtype": bf16, "lora.r": 4, "lora.alpha": 8, "lora.use_rslora": True,
+                                "lora.use_dora": True, "lora.modules_to_save": "lm_head"})
+    model = attach_lora(cfg, build_random_model(cfg, tiny("llama").config, "cpu"))
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r), not alpha / r
+    assert "default" in q_proj.lora_magnitude_vector  # DoRA
+    lm_head = model.base_model.model.lm_head
+    assert type(lm_head).__name__ == "ModulesToSaveWrapper"
+    assert all(p.requires_grad for p in lm_head.modules_to_save["default"].parameters())
+    lora_only = sum(r["lora_params"] for r in lora_coverage(model))
+    magnitudes = sum(p.numel() for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+    assert count_parameters(model)["trainable"] == lora_only + 256 * 64  # + the trainable copy of lm_head
+    assert magnitudes > 0
+    ids = torch.randint(2, 256, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert q_proj.lora_magnitude_vector["default"].weight.grad is not None
+
+
+def test_modules_to_save_that_matches_nothing_is_an_error():
+    cfg = build_config("test", {"lora.modules_to_save": "output_head"})
+    with pytest.raises(ConfigError, match="lora.modules_to_save: output_head match no module.*lm_head"):
+        attach_lora(cfg, tiny("llama"))
+
+
+def test_targets_may_be_dotted_suffixes_or_the_output_head():
+    model = tiny("llama")
+    assert resolve_targets(build_config("test", {"lora.target_modules": "self_attn.q_proj,lm_head"}), model) == ["self_attn.q_proj", "lm_head"]
+    assert "lm_head" not in resolve_targets(build_config("test"), model)  # all-linear leaves the head out, as PEFT does
+    with pytest.raises(ConfigError, match="mlp.q_proj match no linear layer"):
+        resolve_targets(build_config("test", {"lora.target_modules": "mlp.q_proj"}), model)
+
+
+# --------------------------------------------------------------------------- random weights, quantized for real
+def test_random_model_is_what_from_pretrained_would_load(tiny_llama_dir, bf16):
+    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16})
+    loaded, built = load_base_model(cfg), build_random_model(cfg)
+    assert built.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
+    assert (built.is_loaded_in_4bit, type(built.hf_quantizer)) == (True, type(loaded.hf_quantizer))
+    built_params = dict(built.named_parameters())
+    for name, p in loaded.named_parameters():
+        q = built_params[name]
+        assert (type(q), q.dtype, q.shape, q.device) == (type(p), p.dtype, p.shape, p.device), name
+        if hasattr(p, "quant_state"):
+            a, b = p.quant_state, q.quant_state
+            assert (a.quant_type, a.blocksize, a.nested, a.dtype, a.shape) == (b.quant_type, b.blocksize, b.nested, b.dtype, b.shape)
+    assert weight_bytes(built) == weight_bytes(loaded)
+    assert torch.equal(built.model.rotary_emb.inv_freq, loaded.model.rotary_emb.inv_freq)
+    assert built.model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.2)  # the model's own init
+
+
+def test_random_model_forward_and_one_lora_step_on_cpu_with_tied_embeddings(bf16):
+    cfg = build_config("test", {"quant.compute_dtype": bf16, "lora.r": 4})
+    model = build_random_model(cfg, tiny("llama", tie_word_embeddings=True).config, "cpu", seed=1)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    peft_model = attach_lora(cfg, model)
+    ids = torch.randint(2, 256, (2, 8))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_random_model_accepts_a_folder_with_only_config_json(tmp_path, bf16):
+    tiny("phi3").config.save_pretrained(tmp_path)
+    cfg = build_config("test", {"quant.compute_dtype": bf16, "quant.mode": "int8"})
+    model = build_random_model(cfg, tmp_path)
+    assert type(model.model.layers[0].self_attn.qkv_proj).__name__ == "Linear8bitLt"
+    assert not any(p.is_meta for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- inspect-model and metrics
+@pytest.fixture(scope="module")
+def phi3_mini_config_dir(tmp_path_factory):
+    from transformers import Phi3Config
+
+    path = tmp_path_factory.mktemp("phi3-mini-config")
+    Phi3Config(**PHI3_MINI).save_pretrained(path)
+    return path
+
+
+def test_inspect_model_names_unmatched_targets_in_one_line(phi3_mini_config_dir):
+    proc = run_cli("inspect-model", "--model", str(phi3_mini_config_dir), "--random-weights", "--target-modules", SEED_TARGETS,
+                   timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    unmatched, _, listed = lines[0].partition(" match no linear layer")
+    assert all(name in unmatched for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    assert "qkv_proj" in listed and "gate_up_proj" in listed
+
+
+def test_inspect_model_reports_phi3_mini_size_from_its_config_alone(phi3_mini_config_dir, capsys):
+    assert main(["inspect-model", "--model", str(phi3_mini_config_dir), "--random-weights", "--r", "32",
+                 "-p", "quant.compute_dtype=float16"]) == 0
+    out = capsys.readouterr().out
+    assert "3,821,079,552 base (3.82B)" in out and "trainable 50,331,648 (50.3M" in out
+    assert "weights in memory: 2.11 GiB estimated" in out  # NF4 + double quant, embeddings and head in fp16
+    assert "qkv_proj" in out and "gate_up_proj" in out
+    assert main(["inspect-model", "--model", str(phi3_mini_config_dir), "--random-weights", "--r", "32", "--json",
+                 "-p", "quant.compute_dtype=float16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"]["trainable"] == 50_331_648 and 3.8e9 < report["params"]["base"] < 3.85e9
+    estimate = report["weight_bytes_estimate"]
+    # ~3.62B parameters in NF4 + double quant (~0.516 byte each), embeddings and head in fp16
+    assert estimate["quantized_params"] + estimate["other_params"] == report["params"]["base"]
+    assert 2.0 < estimate["total_bytes"] / 2**30 < 2.2
+
+
+def test_inspect_model_with_real_weights_measures_what_it_estimated(tiny_llama_dir, bf16, capsys):
+    assert main(["inspect-model", "--model", str(tiny_llama_dir), "--json", "-p", f"quant.compute_dtype={bf16}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weight_bytes_measured"] == report["weight_bytes_estimate"]["total_bytes"]
+    assert report["targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_model_metrics_record_weights_and_memory_after_loading(tiny_llama_dir, bf16, tmp_path):
+    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16})
+    model = attach_lora(cfg, load_base_model(cfg))
+    metrics = write_model_metrics(cfg, tmp_path, model, "local folder")
+    assert json.loads((tmp_path / "model" / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=str))
+    for key in ("source", "quantization", "compute_dtype", "attn_implementation", "hardware", "targets", "coverage",
+                "params", "weight_gib", "memory"):
+        assert key in metrics
+    assert metrics["quantization"] == "nf4 + double quant" and metrics["weight_bytes"] == weight_bytes(model)
+    memory = metrics["memory"]
+    assert memory["rss_gib"] > 0 and memory["peak_rss_gib"] >= memory["rss_gib"] * 0.5
+    assert memory["gpu_allocated_gib"] is None and memory["gpu_reserved_gib"] is None  # CPU here
