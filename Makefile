@@ -7,7 +7,7 @@ RUN_DIR ?=
 # Extra config overrides, e.g. make run P="-p lora.r=8 -p train.max_steps=50"
 P ?=
 
-.PHONY: run test setup clean
+.PHONY: run test setup clean kaggle-dataset kaggle-kernel
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-kaggle.txt requirements-dev.txt pyproject.toml
@@ -23,6 +23,15 @@ run: setup
 
 test: setup
 	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900 -p no:cacheprovider
+
+# Kaggle (README, "On Kaggle"): the folders for `kaggle datasets create -p` and `kaggle kernels push -p`.
+# KAGGLE_USER defaults to $KAGGLE_USERNAME or the username in ~/.kaggle/kaggle.json.
+KAGGLE_USER ?=
+kaggle-dataset: setup
+	$(PY) -m qlora_helpers.kaggle dataset dist/kaggle-dataset $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+
+kaggle-kernel: setup
+	$(PY) -m qlora_helpers.kaggle kernel dist/kaggle-kernel $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
 
 clean:
 	rm -rf $(VENV) runs

@@ -16,13 +16,15 @@ class StageFailed(RuntimeError):
     pass
 
 
-def notebooks() -> list[Path]:
+def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
     """Every numbered notebook, found by glob so a new stage needs no list kept by hand."""
-    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(Path(directory).glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_pipeline(cfg: Config, overrides: dict[str, str], run_dir: str | Path, kernel: str = "python3") -> Path:
-    """Execute each notebook; stop at the first failure, naming the notebook, cell and error."""
+def run_pipeline(cfg: Config, overrides: dict[str, str], run_dir: str | Path, kernel: str = "python3",
+                 notebook_dir: str | Path | None = None) -> Path:
+    """Execute each notebook; stop at the first failure, naming the notebook, cell and error.
+    ``notebook_dir``: where the notebooks are when not in this checkout (a Kaggle dataset)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -34,12 +36,13 @@ def run_pipeline(cfg: Config, overrides: dict[str, str], run_dir: str | Path, ke
     for var in ("QLORA_PROFILE", "QLORA_RUN_DIR"):
         os.environ.pop(var, None)
     params = {"PROFILE": cfg.profile, "OVERRIDES": dict(overrides), "RUN_DIR": str(run_dir)}
-    for nb in notebooks():
+    notebook_dir = Path(notebook_dir or NOTEBOOK_DIR)
+    for nb in notebooks(notebook_dir):
         out = run_dir / "notebooks" / nb.name
         print(f"[qlora] {nb.name} ...", flush=True)
         t0 = time.time()
         try:
-            pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=str(NOTEBOOK_DIR),
+            pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=str(notebook_dir),
                                 progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
         except PapermillExecutionError as exc:
             first = (exc.evalue or "").strip().splitlines()

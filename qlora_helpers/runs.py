@@ -56,8 +56,11 @@ def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None)
     their own parameters, so a notebook opened alone behaves exactly as in the pipeline.
     ``QLORA_PROFILE`` (set by the test suite) replaces the parameters cell's profile.
     """
+    from .kaggle import check_sources
+
     profile = os.environ.get("QLORA_PROFILE") or profile
     cfg = config_from_params(profile, overrides)
+    check_sources(cfg)  # no internet and nothing attached: stop here, saying what to do
     path = resolve_run_dir(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     saved = path / "config.json"

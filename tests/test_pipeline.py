@@ -4,10 +4,23 @@ import json
 from conftest import REPO, run_cli
 
 
+# A fake Hugging Face token: the run sees it like a real one and must never write or print it anywhere.
+TOKEN_CANARY = "hf_FAKE_leak_canary_1234567890"
+
+
+def assert_token_never_leaks(run_dir, proc):
+    """Every file of the run directory (executed notebooks, config dump, logs, report) and the captured output."""
+    leaked = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+              if p.is_file() and TOKEN_CANARY.encode() in p.read_bytes()]
+    assert not leaked, f"the HF token was written to {leaked}"
+    assert TOKEN_CANARY not in proc.stdout and TOKEN_CANARY not in proc.stderr, "the HF token was printed"
+
+
 def test_pipeline_runs_every_notebook_and_writes_the_summary(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("run", "--profile", "test", "--run-dir", str(run_dir))
+    proc = run_cli("run", "--profile", "test", "--run-dir", str(run_dir), env={"HF_TOKEN": TOKEN_CANARY})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_token_never_leaks(run_dir, proc)
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
     assert executed == sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     s = json.loads((run_dir / "summary.json").read_text())
