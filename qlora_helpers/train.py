@@ -22,11 +22,9 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def to_dataset(examples: list[dict[str, Any]]):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples],
-                              "labels": [e["labels"] for e in examples]})
+def to_dataset(examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """What the Trainer needs of each example: a list is a map-style dataset already."""
+    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
 
 
 def make_collator(cfg: Config, tokenizer):
@@ -64,6 +62,7 @@ def training_arguments(cfg: Config, run_dir: Path, compute_dtype: str, device: s
         bf16=compute_dtype == "bfloat16",
         fp16=compute_dtype == "float16",
         gradient_checkpointing=t.gradient_checkpointing,
+        use_liger_kernel=t.use_liger,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         eval_strategy="steps",
@@ -158,10 +157,70 @@ def time_budget_callback(max_minutes: float):
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest checkpoint that was written completely. The Trainer writes trainer_state.json last,
+    so a checkpoint a kill interrupted (no trainer_state.json) is skipped, not resumed from."""
     ckpt_dir = run_dir / "train" / "checkpoints"
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+    complete = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if ckpt_dir.exists() else []
+    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if complete else None
+
+
+def live_plot_callback():
+    """In a notebook, a loss plot that redraws at every log step (an IPython display handle, so it needs no
+    widgets and leaves the final figure in the saved notebook)."""
+    from transformers import TrainerCallback
+
+    class LivePlot(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            from IPython.display import display
+
+            self.train, self.val = [], []
+            self.handle = display("training: the loss plot appears at the first log step", display_id=True)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            import matplotlib.pyplot as plt
+
+            logs = logs or {}
+            if "loss" in logs and "train_loss" not in logs:
+                self.train.append((state.global_step, logs["loss"]))
+            if "eval_loss" in logs:
+                self.val.append((state.global_step, logs["eval_loss"]))
+            if not self.train or not args.process_index == 0:
+                return
+            fig, ax = plt.subplots(figsize=(6, 3))
+            ax.plot(*zip(*self.train), label="training loss")
+            if self.val:
+                ax.plot(*zip(*self.val), "o-", label="validation loss")
+            ax.set_xlabel("step")
+            ax.set_xlim(0, state.max_steps)
+            ax.legend()
+            self.handle.update(fig)
+            plt.close(fig)
+
+    return LivePlot()
+
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return type(get_ipython()).__name__ == "ZMQInteractiveShell"
+    except ImportError:
+        return False
+
+
+def check_liger(cfg: Config, device: str) -> None:
+    """Liger's kernels are Triton kernels: CUDA only, and a separate package."""
+    import importlib.util
+
+    from .config import ConfigError
+
+    if not cfg.train.use_liger:
+        return
+    if device != "cuda":
+        raise ConfigError("train.use_liger=true needs a CUDA GPU (Liger's kernels are Triton kernels); "
+                          "set train.use_liger=false on this machine")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.use_liger=true needs the liger-kernel package: pip install --no-deps liger-kernel==0.8.5")
 
 
 def build_trainer(cfg: Config, run_dir: str | Path, model, tokenizer):
@@ -171,18 +230,20 @@ def build_trainer(cfg: Config, run_dir: str | Path, model, tokenizer):
     run_dir = Path(run_dir)
     hw = hardware()
     compute_dtype = choose_compute_dtype(cfg.quant.compute_dtype, hw)
+    check_liger(cfg, hw["device"])
     train_ds = to_dataset(load_split(run_dir, "train"))
     val = load_split(run_dir, "val")
     if cfg.eval.max_val_examples:
         val = val[: cfg.eval.max_val_examples]
     budget = time_budget_callback(cfg.train.max_minutes)
+    callbacks = [metrics_callback(cfg, run_dir), budget] + ([live_plot_callback()] if in_notebook() else [])
     # transformers recognises packed rows (and masks attention between examples) only when no KV cache is
     # built; with use_cache on, an eval-mode forward would silently attend across examples.
     model.config.use_cache = False
     trainer = Trainer(model=model, args=training_arguments(cfg, run_dir, compute_dtype, hw["device"]),
                       train_dataset=train_ds, eval_dataset=to_dataset(val),
                       data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
-                      callbacks=[metrics_callback(cfg, run_dir), budget])
+                      callbacks=callbacks)
     trainer.time_budget = budget
     return trainer
 

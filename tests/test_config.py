@@ -20,14 +20,28 @@ def test_overrides_are_typed():
     assert cfg.data.source == "x.json"
 
 
-def test_kaggle_profile_targets_phi3_fused_projections_in_fp16():
-    cfg = build_config("kaggle-t4")
-    assert cfg.model.name == "microsoft/Phi-3-mini-4k-instruct"
+@pytest.mark.parametrize("profile", ["kaggle-t4", "kaggle-t4-seed"])
+def test_kaggle_profiles_target_phi3_fused_projections_in_fp16(profile):
+    cfg = build_config(profile)
+    assert cfg.model.name == "microsoft/Phi-3-mini-4k-instruct" and cfg.data.source == "yahma/alpaca-cleaned"
     assert cfg.lora.target_modules == "qkv_proj,o_proj,gate_up_proj,down_proj"
     assert cfg.quant.compute_dtype == "float16" and cfg.quant.mode == "nf4" and cfg.quant.double_quant
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (32, 64, 0.1)
-    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.max_steps) == (1, 8, 120)
+    assert (cfg.lora.r, cfg.lora.alpha) == (32, 64) and cfg.train.optim == "paged_adamw_8bit"
+    assert (cfg.train.learning_rate, cfg.train.lr_scheduler) == (1e-4, "cosine")
     assert (cfg.data.train_size, cfg.data.val_size) == (4000, 1000)
+
+
+def test_the_seed_recipe_profile_is_the_seed_report_with_corrected_targets():
+    cfg = build_config("kaggle-t4-seed")
+    assert cfg.lora.dropout == 0.1 and not cfg.train.packing
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.max_steps) == (1, 8, 120)
+
+
+def test_kaggle_t4_default_is_the_measured_fast_recipe():
+    # benchmarks/results/gpu_t4_extra-h200-2026-11-29.json, recipe t4-b64-ckpt-liger
+    cfg = build_config("kaggle-t4")
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.lora.dropout) == (64, 1, 0.0)
+    assert cfg.train.packing and cfg.train.gradient_checkpointing and cfg.train.use_liger
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -71,9 +85,11 @@ def test_profiles_command_lists_every_key():
         assert key in proc.stdout
 
 
-def test_readme_lists_every_key():
+def test_readme_keys_table_is_the_generated_one():
     from conftest import REPO
+    from qlora_helpers.config import keys_table
 
     readme = (REPO / "README.md").read_text()
-    missing = [k for k in build_config("embedded").flat() if k != "profile" and f"`{k}`" not in readme]
-    assert not missing, f"README.md does not list: {missing}"
+    assert keys_table() in readme, "README.md's keys table is stale: paste `python -m qlora_helpers profiles --markdown`"
+    for key in build_config("embedded").flat():
+        assert key == "profile" or f"`{key}`" in readme
