@@ -225,7 +225,9 @@ def build_dataset(out: Path, user: str) -> Path:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                         "-w", str(out.resolve()), str(source)], check=True)
-    shutil.copy(REPO_ROOT / "requirements-kaggle.txt", out)
+    # The kernel runs on a GPU, so its requirements include the CUDA-only extras.
+    (out / "requirements-kaggle.txt").write_text((REPO_ROOT / "requirements-kaggle.txt").read_text()
+                                                 + (REPO_ROOT / "requirements-gpu.txt").read_text())
     for notebook in notebooks():
         shutil.copy(notebook, out)
     _write_json(out / "dataset-metadata.json", {"id": f"{user}/{HELPER_DATASET}", **DATASET_METADATA})

@@ -90,11 +90,14 @@ def test_the_dataset_holds_a_wheel_of_the_whole_package(dataset_folder):
     modules = {f"qlora_helpers/{p.name}" for p in (REPO / "qlora_helpers").glob("*.py")}
     assert modules <= packaged and "qlora_helpers/kaggle.py" in packaged
     assert sorted(p.name for p in dataset_folder.glob("*.ipynb")) == [p.name for p in NOTEBOOKS[:-1]]
-    assert (dataset_folder / "requirements-kaggle.txt").read_text() == (REPO / "requirements-kaggle.txt").read_text()
+    shipped = (dataset_folder / "requirements-kaggle.txt").read_text()
+    assert shipped == (REPO / "requirements-kaggle.txt").read_text() + (REPO / "requirements-gpu.txt").read_text()
+    assert "liger-kernel==" in shipped  # the kaggle-t4 profile trains with Liger
 
 
-def test_requirements_kaggle_never_names_torch():
-    names = [line.split("#")[0].strip() for line in (REPO / "requirements-kaggle.txt").read_text().splitlines()]
+@pytest.mark.parametrize("name", ["requirements-kaggle.txt", "requirements-gpu.txt"])
+def test_requirements_kaggle_never_names_torch(name):
+    names = [line.split("#")[0].strip() for line in (REPO / name).read_text().splitlines()]
     names = [n.split(";")[0].split("[")[0] for n in names if n]
     for op in ("==", ">=", "<=", "~=", "!=", ">", "<"):
         names = [n.split(op)[0].strip() for n in names]
