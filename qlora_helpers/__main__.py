@@ -1,4 +1,4 @@
-"""Command line: ``python -m qlora_helpers run|profiles|check-data|inspect-model ...``.
+"""Command line: ``python -m qlora_helpers run|profiles|check-data|inspect-model|train ...``.
 
 Every user mistake (a bad key, a bad file, a target name that matches nothing) ends as one line on
 stderr and a non-zero exit, never a traceback.
@@ -121,8 +121,28 @@ def add_inspect_model(sub) -> None:
     p.set_defaults(func=inspect_model)
 
 
+def add_train(sub) -> None:
+    """``train --run-dir DIR``: only the training stage, on a run directory notebooks 01 and 02 made; what
+    ``accelerate launch --num_processes 2 -m qlora_helpers train --run-dir DIR`` runs on each GPU."""
+    def run_train(args) -> int:
+        import json
+
+        from accelerate import PartialState
+
+        from .train import train_stage
+
+        metrics = train_stage(args.run_dir)
+        if PartialState().is_main_process:  # the Trainer has set up the process group by now
+            print(f"[qlora] training finished: {json.dumps({k: v for k, v in metrics.items() if k != 'memory'})}")
+        return 0
+
+    p = sub.add_parser("train", help="run only the training stage on an existing run directory (under accelerate launch: on every GPU)")
+    p.add_argument("--run-dir", required=True, help="a run directory holding config.json and data/ (notebooks 01 and 02)")
+    p.set_defaults(func=run_train)
+
+
 # Each subcommand registers itself here; keep one add_* function per command.
-COMMANDS = [add_run, add_profiles, add_check_data, add_inspect_model]
+COMMANDS = [add_run, add_profiles, add_check_data, add_inspect_model, add_train]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,7 @@ class TrainConfig:
     save_steps: int = 25
     save_total_limit: int = 2
     max_minutes: float = 0.0          # 0 = no time budget
+    num_processes: int = 0            # GPUs to train on, one process each (data parallel); 0 = every visible GPU, 1 = one
     seed: int = 42
 
 
@@ -340,6 +341,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'lora.dropout': must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"config key 'train.learning_rate': must be > 0, got {cfg.train.learning_rate}")
+    if cfg.train.num_processes < 0:
+        raise ConfigError(f"config key 'train.num_processes': must be >= 0 (0 = every visible GPU), got {cfg.train.num_processes}")
     if cfg.train.max_minutes < 0:
         raise ConfigError(f"config key 'train.max_minutes': must be >= 0, got {cfg.train.max_minutes}")
     if cfg.train.save_steps % cfg.train.eval_steps:

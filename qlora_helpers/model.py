@@ -215,20 +215,28 @@ def load_tokenizer(cfg: Config, path: str | None = None):
 
 
 # --------------------------------------------------------------------------- hardware and dtype
+def local_process_index() -> int:
+    """This process's GPU: 0, or under a distributed launcher (accelerate launch, torchrun and notebook_launcher
+    all set LOCAL_RANK, which accelerate's PartialState reads too) the one it owns, so that each data-parallel
+    process holds its own whole copy of the model there instead of all of them crowding GPU 0."""
+    return max(0, int(os.environ.get("LOCAL_RANK") or 0))
+
+
 def hardware() -> dict[str, Any]:
     import torch
 
     if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        free, total = torch.cuda.mem_get_info(0)
-        return {"device": "cuda", "name": torch.cuda.get_device_name(0), "capability": f"{major}.{minor}",
+        gpu = local_process_index()  # querying GPU 0 from every process would put a CUDA context on it
+        major, minor = torch.cuda.get_device_capability(gpu)
+        free, total = torch.cuda.mem_get_info(gpu)
+        return {"device": "cuda", "name": torch.cuda.get_device_name(gpu), "capability": f"{major}.{minor}",
                 "bf16": major >= 8, "free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2)}
     cpu_bf16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return {"device": "cpu", "name": "CPU", "capability": None, "bf16": cpu_bf16, "free_gib": None, "total_gib": None}
 
 
 def default_device(hw: dict[str, Any]) -> str:
-    return "cuda:0" if hw["device"] == "cuda" else "cpu"
+    return f"cuda:{local_process_index()}" if hw["device"] == "cuda" else "cpu"
 
 
 def choose_compute_dtype(requested: str, hw: dict[str, Any]) -> str:
@@ -267,7 +275,7 @@ def describe_quantization(cfg: Config) -> str:
 
 # --------------------------------------------------------------------------- loading
 def load_base_model(cfg: Config, path: str | None = None, compute_dtype: str | None = None):
-    """The base model, quantized as configured, on the GPU if there is one. Embeddings and the output
+    """The base model, quantized as configured, on this process's GPU if there is one. Embeddings and the output
     head stay in 16-bit where the compute dtype is 16-bit (PEFT's prepare_model_for_kbit_training would
     cast them to fp32: about 0.4 GB more on Phi-3-mini for nothing)."""
     import torch
@@ -289,7 +297,7 @@ def load_base_model(cfg: Config, path: str | None = None, compute_dtype: str | N
     else:
         model = AutoModelForCausalLM.from_pretrained(
             location, quantization_config=quantization_config(cfg, compute_dtype),
-            device_map={"": 0} if hw["device"] == "cuda" else "cpu", **kwargs)
+            device_map={"": local_process_index()} if hw["device"] == "cuda" else "cpu", **kwargs)
     model.config.use_cache = False
     return model
 
@@ -310,7 +318,7 @@ def build_random_model(cfg: Config, config_or_path=None, device: str | None = No
     nothing downloaded or written to disk: for benchmarks on a GPU that cannot fetch the real weights.
 
     ``config_or_path``: a transformers config, or what ``model.name`` accepts (a hub id, a folder holding
-    config.json, a .gguf file); default: ``cfg.model.name``. ``device``: default the GPU if there is one.
+    config.json, a .gguf file); default: ``cfg.model.name``. ``device``: default this process's GPU if there is one.
     The model is built on the meta device and then made real one module at a time directly on `device`:
     random init from the model's own ``_init_weights`` in the compute dtype, and each linear layer's
     16-bit weight is quantized at once, so the peak is the quantized model plus one layer in 16-bit.

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .data import IGNORE_INDEX, load_split
-from .model import hardware, choose_compute_dtype
-from .runs import memory_snapshot, peak_rss_gib, peak_gpu_reserved_gib, write_json
+from .model import attach_lora, choose_compute_dtype, hardware, load_base_model, load_tokenizer, resolve_model_path
+from .runs import memory_snapshot, peak_rss_gib, peak_gpu_reserved_gib, read_json, write_json
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +66,10 @@ def training_arguments(cfg: Config, run_dir: Path, compute_dtype: str, device: s
         gradient_checkpointing=t.gradient_checkpointing,
         use_liger_kernel=t.use_liger,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # Under DDP every LoRA weight gets a gradient at every step and the frozen base needs none, so there is
+        # nothing for DDP's per-step search for unused parameters to find; the Trainer would turn it on because
+        # a PeftModel is not a PreTrainedModel.
+        ddp_find_unused_parameters=False,
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
@@ -97,6 +103,8 @@ def metrics_callback(cfg: Config, run_dir: Path):
             self.t0 = time.time()
             self.elapsed_before = 0.0
             self.last = (time.time(), state.num_input_tokens_seen)
+            if args.process_index != 0:  # under DDP the file is the main process's alone
+                return
             kept = []
             if path.exists():
                 for line in path.read_text().splitlines():
@@ -137,6 +145,21 @@ def metrics_callback(cfg: Config, run_dir: Path):
     return MetricsJsonl()
 
 
+def _on_any_process(flag: bool) -> bool:
+    """`flag` or-ed over every data-parallel process: under DDP all processes must stop at the same step,
+    or the ones still going wait forever for the others in the next gradient all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    from accelerate import PartialState
+
+    votes = torch.tensor([int(flag)], device=PartialState().device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
 def time_budget_callback(max_minutes: float):
     """Stops cleanly, with a checkpoint, before the session's time runs out."""
     from transformers import TrainerCallback
@@ -148,7 +171,7 @@ def time_budget_callback(max_minutes: float):
             self.deadline = time.time() + max_minutes * 60
 
         def on_step_end(self, args, state, control, **kw):
-            if max_minutes and time.time() >= self.deadline:
+            if max_minutes and _on_any_process(time.time() >= self.deadline):
                 control.should_save = True
                 control.should_training_stop = True
                 TimeBudget.stopped = True
@@ -245,7 +268,18 @@ def build_trainer(cfg: Config, run_dir: str | Path, model, tokenizer):
                       data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
                       callbacks=callbacks)
     trainer.time_budget = budget
+    _checkpoints_loadable_on_cpu(trainer.args)
     return trainer
+
+
+def _checkpoints_loadable_on_cpu(args) -> None:
+    """accelerate names the device of a multi-process CPU run "cpu:0", and the Trainer resumes a data-parallel
+    run with torch.load(map_location=args.device), which cannot map to "cpu:0"; plain "cpu" is the same device.
+    (On GPUs the device is cuda:N and nothing changes.)"""
+    import torch
+
+    if args.device == torch.device("cpu", 0):
+        args.__dict__["_setup_devices"] = torch.device("cpu")  # the cached value behind args.device
 
 
 def train(cfg: Config, run_dir: str | Path, trainer) -> dict[str, Any]:
@@ -288,8 +322,71 @@ def train(cfg: Config, run_dir: str | Path, trainer) -> dict[str, Any]:
         "compute_dtype": choose_compute_dtype(cfg.quant.compute_dtype, hardware()),
         "memory": memory_snapshot(),
     }
-    write_json(run_dir / "train" / "metrics.json", metrics)
+    if trainer.is_world_process_zero():  # the adapter and checkpoints are saved by the main process only, too
+        write_json(run_dir / "train" / "metrics.json", metrics)
     return metrics
+
+
+def train_stage(run_dir: str | Path) -> dict[str, Any]:
+    """Stage 3 on a run directory that notebooks 01 and 02 made, outside a notebook: what
+    ``python -m qlora_helpers train`` runs in each process under ``accelerate launch``. Every process loads
+    its own quantized copy onto its own GPU; the Trainer wraps it in DDP and splits the batches."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists() or not (run_dir / "data" / "train.jsonl").exists():
+        raise ConfigError(f"--run-dir {run_dir}: no config.json or data/train.jsonl there; run notebooks 01 and 02 "
+                          "on it first (or python -m qlora_helpers run)")
+    cfg = load_config(config_path)
+    model_path, _ = resolve_model_path(cfg)
+    tokenizer = load_tokenizer(cfg, model_path)
+    model = attach_lora(cfg, load_base_model(cfg, model_path))
+    return train(cfg, run_dir, build_trainer(cfg, run_dir, model, tokenizer))
+
+
+def data_parallel_processes(cfg: Config) -> int:
+    """How many processes train: train.num_processes GPUs (0 = every visible one), or 1 without two GPUs."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wanted = cfg.train.num_processes
+    if wanted > max(gpus, 1):
+        raise ConfigError(f"config key 'train.num_processes': {wanted} processes, but this machine has {gpus} GPUs "
+                          "(one process per GPU); set 0 for all of them or 1")
+    return wanted or max(gpus, 1)
+
+
+def launch_command(run_dir: str | Path, num_processes: int) -> list[str]:
+    """``accelerate launch`` of the train stage, one process per GPU. Every launcher setting is given, so no
+    ``accelerate config`` file is needed and none found on the machine changes what runs; port 0 picks a free
+    one. Mixed precision is the Trainer's own (fp16/bf16 from the config), not the launcher's."""
+    multi = ["--multi_gpu", "--main_process_port", "0"] if num_processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "qlora_helpers", "train", "--run-dir", str(run_dir)]
+
+
+class LaunchFailed(RuntimeError):
+    pass
+
+
+def train_data_parallel(run_dir: str | Path, num_processes: int) -> dict[str, Any]:
+    """Train on `num_processes` GPUs from a notebook: a kernel is one process, so the stage runs under
+    accelerate launch, its output shown here as it comes; returns the metrics its main process wrote."""
+    run_dir = Path(run_dir)
+    cmd = launch_command(run_dir, num_processes)
+    print("[qlora] " + " ".join(cmd[1:]), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+    except BaseException:  # an interrupted kernel must not leave the GPUs training behind it
+        proc.terminate()
+        proc.wait()
+        raise
+    if proc.wait():
+        raise LaunchFailed(f"data-parallel training on {num_processes} GPUs exited with status {proc.returncode} "
+                           "(its output is above); running this again resumes from the last checkpoint")
+    return read_json(run_dir / "train" / "metrics.json")
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,89 @@
+"""Training survives a lost session, stops on a time budget, and refuses to go on with a NaN loss."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from qlora_helpers import build_config
+from qlora_helpers.train import TrainingDiverged, last_checkpoint, metrics_callback
+
+from conftest import REPO
+
+
+def _cli(run_dir, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("QLORA_PROFILE", "QLORA_RUN_DIR")}
+    return [sys.executable, "-m", "qlora_helpers", "run", "--profile", "test", "--run-dir", str(run_dir),
+            "-p", "train.max_steps=10", *extra], env
+
+
+def test_sigkill_during_training_then_the_same_command_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd, env = _cli(run_dir)
+    # Its own process group, so the kill takes the notebook kernel too, as when a Kaggle session ends.
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while last_checkpoint(run_dir) is None:
+            assert proc.poll() is None, "the pipeline ended before writing a checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = int(last_checkpoint(run_dir).rsplit("-", 1)[-1])
+    assert killed_at < 10
+
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train"]["steps"] == 10
+    assert summary["train"]["resumed_from_step"] is not None and summary["train"]["resumed_from_step"] >= killed_at
+    lines = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["kind"] == "train"] == list(range(1, 11))
+    evals = [l["step"] for l in lines if l["kind"] == "eval"]
+    assert evals == sorted(set(evals)) == [2, 4, 6, 8, 10]
+
+
+def test_an_interrupted_checkpoint_is_not_resumed_from(tmp_path):
+    ckpts = tmp_path / "train" / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (ckpts / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path).endswith("checkpoint-4")
+    assert last_checkpoint(tmp_path / "nothing") is None
+
+
+def test_a_nan_loss_stops_training_naming_the_step(tmp_path):
+    cb = metrics_callback(build_config("test"), tmp_path)
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0, epoch=0.0)
+    args = SimpleNamespace(world_size=1, process_index=0)
+    cb.on_train_begin(args, state, None)
+    state.global_step = 1
+    cb.on_log(args, state, None, logs={"loss": 1.5, "learning_rate": 1e-4, "grad_norm": 1.0})
+    state.global_step = 2
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 2: likely fp16 overflow"):
+        cb.on_log(args, state, None, logs={"loss": math.nan, "learning_rate": 1e-4, "grad_norm": math.nan})
+    lines = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1]
+
+
+def test_the_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, smol_tokenizer):
+    from qlora_helpers.data import prepare_data
+    from qlora_helpers.model import attach_lora, load_base_model
+    from qlora_helpers.train import build_trainer, train
+
+    cfg = build_config("test", {"train.max_steps": 50, "train.max_minutes": 0.001})
+    prepare_data(cfg, tmp_path, smol_tokenizer)
+    trainer = build_trainer(cfg, tmp_path, attach_lora(cfg, load_base_model(cfg)), smol_tokenizer)
+    metrics = train(cfg, tmp_path, trainer)
+    assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
+    assert last_checkpoint(tmp_path).endswith("checkpoint-1")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
