@@ -59,38 +59,50 @@ def validation_loss(model, examples: list[dict[str, Any]], batch_size: int, pad_
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, stop_ids: list[int]):
-    """Greedy answers; for each, whether it ended with an end-of-turn token within the budget."""
+    """Greedy answers; for each, whether it ended with an end-of-turn token within the budget, and the
+    generated token ids (up to and including that token) so two models' answers can be compared exactly."""
     import torch
 
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     results, new_tokens, seconds = [], 0, 0.0
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            t0 = time.time()
+            t0 = time.perf_counter()
             with torch.no_grad():
+                # use_cache: the shared loader turns the KV cache off for training; generation wants it.
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                                     pad_token_id=tokenizer.pad_token_id)
-            seconds += time.time() - t0
+                                     pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            seconds += time.perf_counter() - t0
             for row in out[:, enc["input_ids"].shape[1]:].tolist():
                 stop_at = next((k for k, t in enumerate(row) if t in stop_ids), None)
-                kept = row[:stop_at] if stop_at is not None else [t for t in row if t != tokenizer.pad_token_id]
-                new_tokens += len(kept) + (1 if stop_at is not None else 0)
+                # Rows that stopped early are padded after the stop token; rows that did not stop are never padded.
+                token_ids = row[: stop_at + 1] if stop_at is not None else row
+                kept = token_ids[:-1] if stop_at is not None else token_ids
+                new_tokens += len(token_ids)
                 results.append({"answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                "stopped": stop_at is not None, "new_tokens": len(kept)})
+                                "stopped": stop_at is not None, "new_tokens": len(kept), "token_ids": token_ids})
     finally:
-        tokenizer.padding_side = "right"
+        tokenizer.padding_side = padding_side
     return results, {"new_tokens": new_tokens, "seconds": round(seconds, 2),
                      "tokens_per_s": round(new_tokens / seconds, 2) if seconds else None}
 
 
-def normalize(text: str) -> str:
-    return text.strip().strip(".").strip().lower()
+# Tasks whose answer *is* the letter case: compared case-sensitively, or "apple" would pass for "APPLE".
+CASE_SENSITIVE_TASKS = {"uppercase"}
 
 
-def exact_match(answers: list[str], references: list[str]) -> float:
-    return round(sum(normalize(a) == normalize(r) for a, r in zip(answers, references)) / max(1, len(answers)), 4)
+def normalize(text: str, keep_case: bool = False) -> str:
+    """Forgive what does not change the answer: surrounding spaces, a final full stop, and (unless the
+    task is about case) letter case."""
+    text = text.strip().rstrip(".").strip()
+    return text if keep_case else text.lower()
+
+
+def is_exact(answer: str, reference: str, task: str = "") -> bool:
+    keep_case = task in CASE_SENSITIVE_TASKS
+    return normalize(answer, keep_case) == normalize(reference, keep_case)
 
 
 def rouge_l(answers: list[str], references: list[str]) -> float:
@@ -102,16 +114,28 @@ def rouge_l(answers: list[str], references: list[str]) -> float:
 
 
 def score(answers: list[dict], examples: list[dict], checkable: bool) -> dict[str, Any]:
+    """ROUGE-L and stop rate always; exact match overall and per task where every example has a task
+    (the embedded set), since only there is one exact answer right."""
     texts = [a["answer"] for a in answers]
-    refs = [e["response"] for e in examples]
-    out = {"rouge_l": rouge_l(texts, refs), "stop_rate": round(sum(a["stopped"] for a in answers) / max(1, len(answers)), 4),
-           "exact_match": exact_match(texts, refs) if checkable else None, "exact_match_by_task": None}
+    out = {"rouge_l": rouge_l(texts, [e["response"] for e in examples]),
+           "stop_rate": round(sum(a["stopped"] for a in answers) / max(1, len(answers)), 4),
+           "exact_match": None, "exact_match_by_task": None}
     if checkable:
         by_task: dict[str, list] = {}
         for a, e in zip(texts, examples):
-            by_task.setdefault(e["task"], []).append((a, e["response"]))
-        out["exact_match_by_task"] = {t: exact_match([a for a, _ in v], [r for _, r in v]) for t, v in sorted(by_task.items())}
+            by_task.setdefault(e["task"], []).append(is_exact(a, e["response"], e["task"]))
+        out["exact_match"] = round(sum(sum(v) for v in by_task.values()) / max(1, len(texts)), 4)
+        out["exact_match_by_task"] = {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}
     return out
+
+
+def held_out_prompts(cfg: Config, run_dir: str | Path, tokenizer) -> tuple[list[dict], list[str], list[int]]:
+    """The fixed held-out prompts (the first eval.num_prompts validation examples), formatted exactly as
+    in training, and the token ids that end a turn. Evaluation and the export check both use these."""
+    examples = load_split(run_dir, "val")[: cfg.eval.num_prompts]
+    formatter = Formatter(tokenizer, cfg.data.template, cfg.data.system_prompt)
+    prompts = [formatter.prompt_text(json.loads(e["prompt_messages"]), e["alpaca_key"]) for e in examples]
+    return examples, prompts, sorted({formatter.end_token_id, tokenizer.eos_token_id} - {None})
 
 
 def evaluate_run(cfg: Config, run_dir: str | Path, model, tokenizer) -> dict[str, Any]:
@@ -119,10 +143,7 @@ def evaluate_run(cfg: Config, run_dir: str | Path, model, tokenizer) -> dict[str
     run_dir = Path(run_dir)
     val = load_split(run_dir, "val")
     loss_set = val[: cfg.eval.max_val_examples] if cfg.eval.max_val_examples else val
-    prompts_set = val[: cfg.eval.num_prompts]
-    formatter = Formatter(tokenizer, cfg.data.template, cfg.data.system_prompt)
-    prompts = [formatter.prompt_text(json.loads(e["prompt_messages"]), e["alpaca_key"]) for e in prompts_set]
-    stop_ids = sorted({formatter.end_token_id, tokenizer.eos_token_id} - {None})
+    prompts_set, prompts, stop_ids = held_out_prompts(cfg, run_dir, tokenizer)
     checkable = all(e.get("task") for e in prompts_set)
     results: dict[str, Any] = {}
     for label in ("base", "finetuned"):
@@ -136,23 +157,38 @@ def evaluate_run(cfg: Config, run_dir: str | Path, model, tokenizer) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "generations.jsonl", "w") as f:
         for i, e in enumerate(prompts_set):
-            f.write(json.dumps({"prompt": json.loads(e["prompt_messages"])[-1]["content"], "reference": e["response"],
-                                "task": e["task"] or None, "base": results["base"]["answers"][i]["answer"],
-                                "finetuned": results["finetuned"]["answers"][i]["answer"],
-                                "base_stopped": results["base"]["answers"][i]["stopped"],
-                                "finetuned_stopped": results["finetuned"]["answers"][i]["stopped"]}) + "\n")
+            row = {"prompt": json.loads(e["prompt_messages"])[-1]["content"], "reference": e["response"], "task": e["task"] or None}
+            for label in ("base", "finetuned"):
+                a = results[label]["answers"][i]
+                row.update({label: a["answer"], f"{label}_stopped": a["stopped"],
+                            f"{label}_exact": is_exact(a["answer"], e["response"], e["task"]) if checkable else None})
+            f.write(json.dumps(row) + "\n")
     metrics = {"val_examples": len(loss_set), "prompts": len(prompts_set), "max_new_tokens": cfg.eval.max_new_tokens,
-               "checkable": checkable,
+               "batch_size": cfg.eval.batch_size, "checkable": checkable,
                **{label: {k: v for k, v in r.items() if k != "answers"} for label, r in results.items()},
                "memory": memory_snapshot()}
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
+def read_generations(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "eval" / "generations.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def marked(row: dict[str, Any], label: str) -> str:
+    """One model's answer as people see it: "…" where it ran into the token budget without stopping,
+    "✓" where it is exactly the reference."""
+    return row[label] + ("" if row[f"{label}_stopped"] else " …") + (" ✓" if row.get(f"{label}_exact") else "")
+
+
+SIDE_BY_SIDE_LEGEND = "Greedy decoding, the same token budget for both; … = cut at the budget without stopping, ✓ = exact match."
+
+
 def side_by_side(run_dir: str | Path, limit: int = 10):
     """The generations as a table (pandas DataFrame) for the notebook."""
     import pandas as pd
 
-    path = Path(run_dir) / "eval" / "generations.jsonl"
-    rows = [json.loads(l) for l in path.read_text().splitlines()][:limit]
-    return pd.DataFrame(rows)[["prompt", "reference", "base", "finetuned"]]
+    rows = read_generations(run_dir)[:limit]
+    return pd.DataFrame([{"prompt": r["prompt"], "reference": r["reference"], "base": marked(r, "base"),
+                          "fine-tuned": marked(r, "finetuned")} for r in rows])

@@ -87,12 +87,15 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
     model = read_json(run_dir / "model" / "metrics.json", {})
     train = read_json(run_dir / "train" / "metrics.json", {})
     ev = read_json(run_dir / "eval" / "metrics.json", {})
-    mems = [m.get("memory", {}) for m in (model, train, ev)]
+    export = read_json(run_dir / "export" / "metrics.json", {})
+    mems = [m.get("memory", {}) for m in (model, train, ev, export)]
     base, tuned = ev.get("base", {}), ev.get("finetuned", {})
+    merged, check, hub = export.get("merged"), export.get("verification"), export.get("hub")
     artifacts = {"config": "config.json", "data_metrics": "data/metrics.json", "model_metrics": "model/metrics.json",
                  "metrics": "train/metrics.jsonl", "train_metrics": "train/metrics.json", "adapter": "adapter",
-                 "eval_metrics": "eval/metrics.json", "generations": "eval/generations.jsonl", "report": "report.md",
-                 "summary": "summary.json"}
+                 "eval_metrics": "eval/metrics.json", "generations": "eval/generations.jsonl",
+                 "export_metrics": "export/metrics.json", "merged_model": (merged or {}).get("path", "export/merged"),
+                 "report": "report.md", "summary": "summary.json"}
     artifacts.update(plot_loss(run_dir))
     artifacts.update(plot_lengths(run_dir))
     artifacts = {k: v for k, v in artifacts.items() if (run_dir / v).exists() or k in ("report", "summary")}
@@ -105,12 +108,16 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
                    "peak_rss_gib": _max(*(m.get("peak_rss_gib") for m in mems))},
         "train": {k: train.get(k) for k in ("steps", "examples_seen", "tokens_seen", "wall_s", "epochs",
                                             "tokens_per_s", "resumed_from_step", "best_eval_loss")},
-        "eval": {"val_loss_before": base.get("val_loss"), "val_loss_after": tuned.get("val_loss"),
+        "eval": {"prompts": ev.get("prompts"),
+                 "val_loss_before": base.get("val_loss"), "val_loss_after": tuned.get("val_loss"),
                  "perplexity_before": base.get("perplexity"), "perplexity_after": tuned.get("perplexity"),
                  "exact_match_before": base.get("exact_match"), "exact_match_after": tuned.get("exact_match"),
                  "rouge_l_before": base.get("rouge_l"), "rouge_l_after": tuned.get("rouge_l"),
                  "stop_rate_before": base.get("stop_rate"), "stop_rate_after": tuned.get("stop_rate"),
                  "generation_tokens_per_s": tuned.get("generation", {}).get("tokens_per_s")},
+        "export": {"adapter": "adapter" if export.get("adapter") else None,
+                   "merged": merged["path"] if merged else None, "merged_dtype": merged["dtype"] if merged else None,
+                   "merge_verified": check["passed"] if check else None, "hub_url": hub["url"] if hub else None},
         "artifacts": artifacts,
     }
 
@@ -125,72 +132,176 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _pct(v: float | None) -> str:
+    return NM if v is None else f"{v:.0%}"
+
+
+def _change(before: Any, after: Any, fmt=_fmt) -> str:
+    """'before → after', or 'not measured' for the side that was not."""
+    return f"{fmt(before)} → {fmt(after)}"
+
+
+def _cell(c: Any) -> str:
+    return c.replace("|", "\\|").replace("\n", " ") if isinstance(c, str) else _fmt(c)
+
+
 def _table(rows: list[tuple], header: tuple) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c.replace("|", "\\|").replace("\n", " ") for c in r) + " |"
-              for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows])
+
+
+def _mib(n: int | None) -> str:
+    return NM if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _summary_section(s: dict[str, Any], run_dir: Path) -> list[str]:
+    """The table someone reads first: what was trained on what, what it cost, what changed, what was made."""
+    e, t, params, mem = s["eval"], s["train"], s["params"], s["memory"]
+    share = f" ({params['trainable'] / params['total']:.2%})" if params.get("trainable") and params.get("total") else ""
+    gpu = "no GPU" if mem["peak_gpu_reserved_gib"] is None else f"{mem['peak_gpu_reserved_gib']} GiB GPU reserved"
+    prompts = f" ({e['prompts']} held-out prompts)" if e.get("prompts") else ""
+    exact = ("no checkable answers (free-form data: see ROUGE-L)" if e["exact_match_before"] is None and e["val_loss_before"] is not None
+             else _change(e["exact_match_before"], e["exact_match_after"], _pct))
+    rows = [("model", s["model"] or NM), ("data", s["data"] or NM), ("profile", s["profile"]),
+            ("steps / epochs", f"{_fmt(t['steps'])} / {_fmt(t['epochs'])}"),
+            ("examples / tokens seen", f"{_fmt(t['examples_seen'])} / {_fmt(t['tokens_seen'])}"),
+            ("trainable / total parameters", f"{_fmt(params.get('trainable'))} / {_fmt(params.get('total'))}{share}"),
+            ("peak memory", f"{gpu}; process RSS {_fmt(mem['peak_rss_gib'])} GiB"),
+            ("training wall time", NM if t["wall_s"] is None else f"{t['wall_s']:,.0f} s ({_fmt(t['tokens_per_s'])} tokens/s)"),
+            ("resumed from step", t["resumed_from_step"] if t["resumed_from_step"] is not None else "not resumed"),
+            ("validation loss, base → fine-tuned", _change(e["val_loss_before"], e["val_loss_after"])),
+            (f"exact match{prompts}", exact),
+            ("ROUGE-L", _change(e["rouge_l_before"], e["rouge_l_after"])),
+            ("stops with end-of-turn", _change(e["stop_rate_before"], e["stop_rate_after"], _pct))]
+    x = s["export"]
+    rows += [("adapter", f"`{x['adapter']}/`" if x["adapter"] else NM),
+             ("merged 16-bit model", f"`{x['merged']}/` ({x['merged_dtype']})" if x["merged"] else "not exported"),
+             ("Hugging Face Hub", x["hub_url"] or "not pushed")]
+    parts = ["## Summary", "", _table(rows, ("", "this run")), ""]
+    if any(NM in str(v) for _, v in rows):
+        parts += [f"*{NM}*: no stage wrote that figure (the stage did not run, or cannot measure it here).", ""]
+    return parts
+
+
+def _before_after_section(ev: dict[str, Any]) -> list[str]:
+    base, tuned = ev.get("base", {}), ev.get("finetuned", {})
+    if not base:
+        return ["## Before and after fine-tuning", "", f"{NM}: notebook 04 did not run on this run directory.", ""]
+    speed = lambda m: (m.get("generation") or {}).get("tokens_per_s")  # noqa: E731
+    exact = lambda m: _pct(m.get("exact_match")) if ev.get("checkable") else "no checkable answers"  # noqa: E731
+    parts = ["## Before and after fine-tuning", "",
+             f"The same {ev.get('val_examples')} validation examples (loss) and {ev.get('prompts')} held-out prompts "
+             f"(greedy answers, at most {ev.get('max_new_tokens')} new tokens), same formatting and masking; "
+             "the base column is the same loaded model with the adapter switched off.", "",
+             _table([("validation loss (response tokens)", base.get("val_loss"), tuned.get("val_loss")),
+                     ("perplexity", base.get("perplexity"), tuned.get("perplexity")),
+                     ("exact match", exact(base), exact(tuned)),
+                     ("ROUGE-L F1", base.get("rouge_l"), tuned.get("rouge_l")),
+                     ("stops with end-of-turn within the budget", _pct(base.get("stop_rate")), _pct(tuned.get("stop_rate"))),
+                     ("generation tokens/s" + (f" (batches of {ev['batch_size']})" if ev.get("batch_size") else ""), speed(base), speed(tuned))],
+                    ("metric", "base", "fine-tuned")), ""]
+    by_b, by_a = base.get("exact_match_by_task"), tuned.get("exact_match_by_task")
+    if by_b and by_a:
+        parts += ["Exact match by task:", "",
+                  _table([(k, _pct(by_b[k]), _pct(by_a.get(k))) for k in by_b], ("task", "base", "fine-tuned")), ""]
+    return parts
+
+
+def _export_section(export: dict[str, Any], run_dir: Path, finetuned: dict[str, Any]) -> list[str]:
+    if not export:
+        return ["## Export", "", f"{NM}: the export step of notebook 04 did not run on this run directory.", ""]
+    a, merged, check, hub = export["adapter"], export.get("merged"), export.get("verification"), export.get("hub")
+    rows = [("adapter", "`adapter/`", _mib(a.get("bytes")),
+             f"LoRA r={a.get('r')}, alpha={a.get('lora_alpha')} on {', '.join(a.get('target_modules', []))}")]
+    if merged:
+        verdict = "verified" if check["passed"] else "FAILED verification: do not use"
+        ties = f", {len(check['near_ties'])} parting at a near-tie" if check["near_ties"] else ""
+        rows.append(("merged model", f"`{merged['path']}/`", f"{_mib(merged['bytes'])}, {merged['dtype']}",
+                     f"{verdict}: greedy answers identical to base + adapter on {check['greedy_identical']}/"
+                     f"{check['prompts']} prompts{ties}; max logit difference {_fmt(check['max_abs_logit_diff'])} "
+                     f"where the adapter moves logits by up to {_fmt(check['adapter_effect_max_abs_logit'])} "
+                     f"(compared in {check['compared_in']})"))
+    else:
+        rows.append(("merged model", "not exported (eval.export_merged=false)", "", ""))
+    rows.append(("Hugging Face Hub", hub["url"] if hub else "not pushed (eval.push_to_hub is empty)",
+                 "private repository" if hub else "", ""))
+    parts = ["## Export", "", _table(rows, ("what", "where", "size", "notes")), ""]
+    if check:
+        scores = check["merged_scores"]
+        quality = (f"exact match {_pct(scores['exact_match'])} (the fine-tuned 4-bit model: {_pct(finetuned.get('exact_match'))})"
+                   if scores.get("exact_match") is not None else
+                   f"ROUGE-L {_fmt(scores['rouge_l'])} (the fine-tuned 4-bit model: {_fmt(finetuned.get('rouge_l'))})")
+        parts += [f"The merged {merged['dtype']} model on the same held-out prompts: {quality}, stops with end-of-turn "
+                  f"{_pct(scores['stop_rate'])} (4-bit: {_pct(finetuned.get('stop_rate'))}). The adapter was trained on "
+                  "the NF4-rounded base weights; on the exact 16-bit weights it can answer somewhat differently.", ""]
+    base_model = a.get("base_model") or "<base model>"
+    parts += ["Load the adapter onto the ordinary, unquantized base, or the merged model alone:", "", "```python",
+              "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+              f'base = AutoModelForCausalLM.from_pretrained("{base_model}", dtype="auto")',
+              f'model = PeftModel.from_pretrained(base, "{run_dir / "adapter"}")']
+    if merged:
+        parts += [f'merged = AutoModelForCausalLM.from_pretrained("{run_dir / merged["path"]}", dtype="auto")']
+    return parts + ["```", ""]
+
+
+def _data_section(data: dict[str, Any]) -> list[str]:
+    if not data:
+        return []
+    dl = data.get("train_lengths", {})
+    dropped = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in data.get("dropped_by_reason", {}).items() if v) or "none"
+    rows = [("source", data.get("source")), ("format / template", f"{data.get('format')} / {data.get('template')}"),
+            ("end-of-turn token (trained on)", f"`{data.get('end_token')}`"),
+            ("rows read / kept", f"{_fmt(data.get('rows_read'))} / {_fmt(data.get('rows_kept'))}"),
+            ("rows dropped, by reason", dropped), ("responses truncated", data.get("truncated")),
+            ("train / validation examples", f"{_fmt(data.get('train_examples'))} / {_fmt(data.get('val_examples'))}"),
+            ("tokens per training example (p50 / p95 / max)", f"{_fmt(dl.get('p50'))} / {_fmt(dl.get('p95'))} / {_fmt(dl.get('max'))}"),
+            ("share of tokens that carry the loss", _pct(dl.get("response_token_share")))]
+    return ["## Data", "", _table(rows, ("", "")), "", "![lengths](report/lengths.png)", "",
+            "Interactive: [report/lengths.html](report/lengths.html)", ""]
+
+
+def _model_section(model: dict[str, Any]) -> list[str]:
+    if not model:
+        return []
+    return ["## Model", "", _table([("source", model.get("source")), ("quantization", model.get("quantization")),
+                                     ("compute dtype", model.get("compute_dtype")), ("LoRA targets", ", ".join(model.get("targets", []))),
+                                     ("weights in memory (GiB)", model.get("weight_gib"))], ("", "")), "",
+            _table([(r["module"], r["layers"], r["in_features"], r["out_features"], r["lora_params"]) for r in model.get("coverage", [])],
+                   ("module", "layers", "in", "out", "LoRA parameters")), ""]
+
+
+def _answers_section(gens: list[dict[str, Any]], limit: int = 12) -> list[str]:
+    from .evaluate import SIDE_BY_SIDE_LEGEND, marked
+
+    if not gens:
+        return []
+    short = lambda text, n: text if len(text) <= n else text[: n - 1] + "…"  # noqa: E731
+    return [f"## Answers side by side ({min(limit, len(gens))} of {len(gens)})", "", SIDE_BY_SIDE_LEGEND, "",
+            _table([(short(g["prompt"], 120), short(g["reference"], 80), short(marked(g, "base"), 120),
+                     short(marked(g, "finetuned"), 120)) for g in gens[:limit]],
+                   ("prompt", "reference", "base", "fine-tuned")), ""]
 
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """Write summary.json and report.md at the run directory's root; return the summary."""
+    from .evaluate import read_generations
+
     run_dir = Path(run_dir)
     s = build_summary(run_dir)
     write_json(run_dir / "summary.json", s)
-    cfg = read_json(run_dir / "config.json")
-    data = read_json(run_dir / "data" / "metrics.json", {})
-    model = read_json(run_dir / "model" / "metrics.json", {})
     train = read_json(run_dir / "train" / "metrics.json", {})
     ev = read_json(run_dir / "eval" / "metrics.json", {})
-    env = environment()
-    e, t = s["eval"], s["train"]
-    gens = [json.loads(l) for l in (run_dir / "eval" / "generations.jsonl").read_text().splitlines()] \
-        if (run_dir / "eval" / "generations.jsonl").exists() else []
     parts = [f"# QLoRA run report: {run_dir.name}", "",
-             _table([("model", s["model"] or NM), ("data", s["data"] or NM), ("profile", s["profile"]),
-                     ("steps", t["steps"]), ("epochs", t["epochs"]), ("examples seen", t["examples_seen"]),
-                     ("tokens seen", t["tokens_seen"]), ("trainable / total parameters",
-                      f"{_fmt(s['params']['trainable'])} / {_fmt(s['params']['total'])}"),
-                     ("peak GPU reserved (GiB)", s["memory"]["peak_gpu_reserved_gib"] if s["memory"]["peak_gpu_reserved_gib"] is not None else "no GPU"),
-                     ("peak RSS (GiB)", s["memory"]["peak_rss_gib"]), ("training wall time (s)", t["wall_s"]),
-                     ("training tokens/s", t["tokens_per_s"]), ("resumed from step", t["resumed_from_step"] if t["resumed_from_step"] is not None else "not resumed")],
-                    ("", "")), "",
-             "## Before and after fine-tuning", "",
-             _table([("validation loss", e["val_loss_before"], e["val_loss_after"]),
-                     ("perplexity", e["perplexity_before"], e["perplexity_after"]),
-                     ("exact match", e["exact_match_before"] if e["exact_match_before"] is not None else "no checkable answers",
-                      e["exact_match_after"] if e["exact_match_after"] is not None else "no checkable answers"),
-                     ("ROUGE-L", e["rouge_l_before"], e["rouge_l_after"]),
-                     ("stops with end-of-turn", e["stop_rate_before"], e["stop_rate_after"]),
-                     ("generation tokens/s", (ev.get("base", {}).get("generation") or {}).get("tokens_per_s"), e["generation_tokens_per_s"])],
-                    ("metric", "base", "fine-tuned")), ""]
-    by_task_b, by_task_a = ev.get("base", {}).get("exact_match_by_task"), ev.get("finetuned", {}).get("exact_match_by_task")
-    if by_task_b and by_task_a:
-        parts += ["Exact match by task:", "", _table([(k, by_task_b[k], by_task_a.get(k)) for k in by_task_b], ("task", "base", "fine-tuned")), ""]
-    parts += ["## Loss", "", "![loss](report/loss.png)", "", "Interactive: [report/loss.html](report/loss.html)", ""]
-    if data:
-        dl = data.get("train_lengths", {})
-        parts += ["## Data", "", _table([("source", data.get("source")), ("format / template", f"{data.get('format')} / {data.get('template')}"),
-                                          ("end-of-turn token (trained on)", f"`{data.get('end_token')}`"),
-                                          ("rows read", data.get("rows_read")), ("rows kept", data.get("rows_kept")),
-                                          *[(f"dropped: {k}", v) for k, v in data.get("dropped_by_reason", {}).items()],
-                                          ("truncated", data.get("truncated")),
-                                          ("train / validation examples", f"{_fmt(data.get('train_examples'))} / {_fmt(data.get('val_examples'))}"),
-                                          ("train tokens (p50 / p95 / max per example)", f"{dl.get('p50')} / {dl.get('p95')} / {dl.get('max')}"),
-                                          ("share of tokens that carry the loss", dl.get("response_token_share"))], ("", "")),
-                  "", "![lengths](report/lengths.png)", ""]
-    if model:
-        parts += ["## Model", "", _table([("source", model.get("source")), ("quantization", model.get("quantization")),
-                                           ("compute dtype", model.get("compute_dtype")), ("LoRA targets", ", ".join(model.get("targets", []))),
-                                           ("weights in memory (GiB)", model.get("weight_gib"))], ("", "")), "",
-                  _table([(r["module"], r["layers"], r["in_features"], r["out_features"], r["lora_params"]) for r in model.get("coverage", [])],
-                         ("module", "layers", "in", "out", "LoRA parameters")), ""]
-    if gens:
-        parts += ["## Answers side by side (greedy, same token budget)", "",
-                  _table([(g["prompt"][:120], g["reference"][:80], g["base"][:120], g["finetuned"][:120]) for g in gens[:12]],
-                         ("prompt", "reference", "base", "fine-tuned")), ""]
-    parts += ["## Training", "", "```json", json.dumps({k: v for k, v in train.items() if k != "memory"}, indent=1), "```", "",
-              "## Config", "", "```json", json.dumps(cfg, indent=1), "```", "",
-              "## Environment", "", "```json", json.dumps(env, indent=1), "```", ""]
+             *_summary_section(s, run_dir),
+             *_before_after_section(ev),
+             *_export_section(read_json(run_dir / "export" / "metrics.json", {}), run_dir, ev.get("finetuned", {})),
+             "## Loss", "", "![loss](report/loss.png)", "", "Interactive: [report/loss.html](report/loss.html)", "",
+             *_answers_section(read_generations(run_dir)),
+             *_data_section(read_json(run_dir / "data" / "metrics.json", {})),
+             *_model_section(read_json(run_dir / "model" / "metrics.json", {})),
+             "## Appendix: training metrics", "", "```json",
+             json.dumps({k: v for k, v in train.items() if k != "memory"}, indent=1), "```", "",
+             "## Appendix: config", "", "```json", json.dumps(read_json(run_dir / "config.json"), indent=1), "```", "",
+             "## Appendix: environment", "", "```json", json.dumps(environment(), indent=1), "```", ""]
     (run_dir / "report.md").write_text("\n".join(parts))
     return s
