@@ -253,26 +253,11 @@ def suggest_fit(cfg: Config, model_config: Any, hw: dict[str, Any], lengths: dic
 
 
 # --------------------------------------------------------------------------- what notebook 02 calls
-def load_model_config(cfg: Config, path: str | None = None):
-    """The model's config.json only: no weights are downloaded."""
-    from transformers import AutoConfig
-
-    from .model import resolve_model_path
-
-    path = path or resolve_model_path(cfg)[0]
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.revision and not Path(path).exists():
-        kwargs["revision"] = cfg.model.revision
-    if cfg.model.gguf_file:
-        kwargs["gguf_file"] = cfg.model.gguf_file
-    return AutoConfig.from_pretrained(path, **kwargs)
-
-
 def preflight_report(cfg: Config, run_dir: str | Path | None = None, model_path: str | None = None,
                      hw: dict[str, Any] | None = None) -> dict[str, Any]:
     """Print the hardware, the chosen dtype and attention, and the memory estimate against the free
     memory, with a warning and a suggested setting when it will not fit; save it as model/preflight.json."""
-    from .model import choose_compute_dtype, hardware
+    from .model import choose_compute_dtype, hardware, load_model_config
     from .runs import read_json, write_json
 
     hw = hw or hardware()
