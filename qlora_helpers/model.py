@@ -207,10 +207,11 @@ def load_tokenizer(cfg: Config, path: str | None = None):
 
     location, kwargs = _from_pretrained_args(cfg, path or resolve_model_path(cfg)[0])
     tok = AutoTokenizer.from_pretrained(location, **kwargs)
-    if tok.pad_token is None:
-        # Labels are built explicitly, so the pad id never masks anything; unk avoids eos anyway.
-        tok.pad_token = tok.unk_token or tok.eos_token
-    tok.padding_side = "right"
+    # Every stage loads its own tokenizer, so the pad token is kept off the end-of-turn token here,
+    # not only where notebook 01 builds the examples.
+    from .data import end_of_turn_id, keep_pad_off_end_token
+
+    keep_pad_off_end_token(tok, end_of_turn_id(tok, cfg.data.template))
     return tok
 
 
