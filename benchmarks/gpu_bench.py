@@ -15,12 +15,14 @@ rate), and the loss of the first steps for a sanity check between recipes.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,7 +68,24 @@ SWEEP = {
 }
 for _name, _over in SWEEP.items():
     RECIPES[_name] = {"profile": "kaggle-t4", "cap_gib": 15.0 if _name.startswith("t4") else None, "overrides": _over}
-DEFAULT_RECIPES = ["seed-recipe", "kaggle-t4", "fast-bf16", "low-memory", "unsloth-t4", "unsloth-fast"]
+# Packed rows of at most N tokens instead of one row per micro-batch: sdpa's block-diagonal mask is dense, so a
+# 7,000-token row spends most of its attention on masked-out blocks (the T4 has no flash/flex attention).
+for _rows in (1024, 2048):
+    RECIPES[f"t4-b64-rows{_rows}"] = {"profile": "kaggle-t4", "cap_gib": 15.0, "overrides": {
+        "train.micro_batch_size": 64, "train.packing_row_tokens": _rows}}
+RECIPES["t4-b128-rows1024"] = {"profile": "kaggle-t4", "cap_gib": 15.0, "overrides": {
+    "train.micro_batch_size": 128, "train.packing_row_tokens": 1024}}
+RECIPES["fast-b64-rows2048"] = {"profile": "gpu-fast", "cap_gib": None, "overrides": {"train.packing_row_tokens": 2048}}
+
+# Numerical sanity: recipe 1 (targets corrected) and recipe 3 on the same batches of 8 from the same seed, on data
+# a random-weights model can learn (tokens from a 256-id subset, so the loss can fall from ln(32064) toward
+# ln(256)); their loss curves must agree within a few percent. Only the batch shape of recipe 3 changes (8 x 1).
+SANITY = {"steps": 20, "learning_rate": 1e-3}
+RECIPES["sanity-seed"] = {"profile": "kaggle-t4-seed", "cap_gib": None, "sanity": True, "overrides": {}}
+RECIPES["sanity-fast"] = {"profile": "gpu-fast", "cap_gib": None, "sanity": True, "overrides": {
+    "train.micro_batch_size": 8, "train.grad_accum": 1}}
+DEFAULT_RECIPES = ["seed-recipe", "kaggle-t4", "fast-bf16", "low-memory", "unsloth-t4", "unsloth-fast",
+                   "sanity-seed", "sanity-fast"]
 
 UNSLOTH_DIR = Path(tempfile.gettempdir()) / "unsloth-phi3-mini-random"
 
@@ -81,17 +100,20 @@ def unsloth_model(cfg, checkpointing, seed):
     from unsloth import FastLanguageModel
 
     dtype = getattr(torch, cfg.quant.compute_dtype)
-    if not (UNSLOTH_DIR / "config.json").exists():
-        shape = {k: v for k, v in PHI3_MINI.items() if not k.endswith("token_id")}
-        with torch.device("cuda"):
-            rnd = AutoModelForCausalLM.from_config(LlamaConfig(**shape, pad_token_id=2, bos_token_id=1, eos_token_id=2),
-                                                   dtype=torch.bfloat16)
-        rnd.save_pretrained(UNSLOTH_DIR)
-        del rnd
-        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 32000)}}
-        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>",
-                                bos_token="<s>", eos_token="</s>", pad_token="</s>").save_pretrained(UNSLOTH_DIR)
-        torch.cuda.empty_cache()
+    UNSLOTH_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{UNSLOTH_DIR}.lock", "w") as lock:  # two GPUs may run both Unsloth recipes at once: save once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (UNSLOTH_DIR / "config.json").exists():
+            shape = {k: v for k, v in PHI3_MINI.items() if not k.endswith("token_id")}
+            with torch.device("cuda"):
+                rnd = AutoModelForCausalLM.from_config(LlamaConfig(**shape, pad_token_id=2, bos_token_id=1, eos_token_id=2),
+                                                       dtype=torch.bfloat16)
+            rnd.save_pretrained(UNSLOTH_DIR)
+            del rnd
+            vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 32000)}}
+            PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>",
+                                    bos_token="<s>", eos_token="</s>", pad_token="</s>").save_pretrained(UNSLOTH_DIR)
+            torch.cuda.empty_cache()
     model, tok = FastLanguageModel.from_pretrained(str(UNSLOTH_DIR), max_seq_length=cfg.data.max_seq_len, dtype=dtype,
                                                    load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(
@@ -101,15 +123,15 @@ def unsloth_model(cfg, checkpointing, seed):
     return model, tok
 
 
-def alpaca_like_examples(lengths: list[list[int]], n: int, max_len: int, seed: int) -> list[dict]:
-    """Random token ids with the (prompt, total) token lengths of real Alpaca examples."""
+def alpaca_like_examples(lengths: list[list[int]], n: int, max_len: int, seed: int, vocab: int = 32000) -> list[dict]:
+    """Random token ids (3..vocab-1) with the (prompt, total) token lengths of real Alpaca examples."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         prompt, total = rng.choice(lengths)
         total = min(total, max_len)
         prompt = min(prompt, total - 1)
-        ids = [rng.randrange(3, 32000) for _ in range(total)]
+        ids = [rng.randrange(3, vocab) for _ in range(total)]
         out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "prompt_len": prompt})
     return out
 
@@ -131,6 +153,9 @@ TINY = dict(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int) -> dict:
+    recipe = RECIPES[name]
+    if recipe.get("sanity"):
+        warmup, steps = 0, SANITY["steps"]
     import torch
     from transformers import Phi3Config, TrainerCallback, set_seed
 
@@ -138,7 +163,6 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
     from qlora_helpers.model import attach_lora, build_random_model, count_parameters
     from qlora_helpers.train import build_trainer
 
-    recipe = RECIPES[name]
     smoke = os.environ.get("BENCH_SMOKE") == "1"  # a tiny model on the CPU: checks the script, measures nothing
     device = "cpu" if smoke else "cuda"
     if recipe["cap_gib"] and not smoke:
@@ -146,13 +170,15 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
         torch.cuda.set_per_process_memory_fraction(recipe["cap_gib"] * 2**30 / total)
     smoke_over = {"quant.compute_dtype": "float32", "train.use_liger": False, "model.attn_implementation": "sdpa",
                   "train.optim": "adamw_torch"} if smoke else {}
-    cfg = build_config(recipe["profile"], {**recipe["overrides"], **smoke_over, "train.max_steps": warmup + steps,
+    sanity_over = {"train.learning_rate": SANITY["learning_rate"]} if recipe.get("sanity") else {}
+    cfg = build_config(recipe["profile"], {**recipe["overrides"], **sanity_over, **smoke_over, "train.max_steps": warmup + steps,
                                            "train.eval_steps": 10_000, "train.save_steps": 10_000,
                                            "train.logging_steps": 1, "train.max_minutes": 0.0, "train.seed": seed})
     set_seed(seed)
     lengths = json.loads(Path(lengths_path).read_text())
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    examples = alpaca_like_examples(lengths, per_step * (warmup + steps + 1), cfg.data.max_seq_len, seed)
+    examples = alpaca_like_examples(lengths, per_step * (warmup + steps + 1), cfg.data.max_seq_len, seed,
+                                    vocab=259 if recipe.get("sanity") else 32000)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         (run_dir / "data").mkdir()
@@ -173,7 +199,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
             losses: list = []
 
             def on_step_end(self, args, state, control, **kw):
-                if state.global_step in (warmup, warmup + steps):
+                if state.global_step == warmup + steps or (warmup and state.global_step == warmup):
                     if not smoke:
                         torch.cuda.synchronize()
                     Clock.marks[state.global_step] = (time.time(), state.num_input_tokens_seen)
@@ -184,6 +210,9 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
 
         trainer = build_trainer(cfg, run_dir, model, tokenizer)
         trainer.add_callback(Clock())
+        if not smoke:
+            torch.cuda.synchronize()
+        Clock.marks[0] = (time.time(), 0)
         trainer.train()
     (t_a, tok_a), (t_b, tok_b) = Clock.marks[warmup], Clock.marks[warmup + steps]
     tps = (tok_b - tok_a) / (t_b - t_a)
@@ -194,7 +223,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
             "peak_allocated_gib": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_reserved_gib": None if smoke else round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "trainable_params": count_parameters(model)["trainable"], "load_s": round(load_s, 1),
-            "first_losses": Clock.losses[:10]}
+            "losses": Clock.losses if recipe.get("sanity") else Clock.losses[:10]}
 
 
 MATMUL_TFLOPS = float(os.environ.get("BENCH_MATMUL_TFLOPS", "790"))
@@ -223,6 +252,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs to spread recipes over (0 = every visible one)")
     ap.add_argument("--append", action="store_true", help="add to an existing --out file (same machine, later call)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -241,29 +271,72 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "recipes": []}
     if args.append and Path(args.out).exists():
         results["recipes"] = json.loads(Path(args.out).read_text())["recipes"]
+    names = list(SWEEP) if args.recipes == "sweep" else args.recipes.split(",")
+    # One worker per GPU, each recipe in its own process on one GPU: recipes run side by side on a multi-GPU
+    # host and still one at a time per GPU, so nothing shares a GPU with what it is measured against.
+    gpus = 1 if smoke else (args.gpus or torch.cuda.device_count())
+    queue = list(names)
+    lock = threading.Lock()
+    done: dict[str, dict] = {}
+
+    def worker(gpu: int) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                name = queue.pop(0)
+            res = run_one(name, gpu, args, tflops)
+            res["gpu_index"] = gpu
+            print(json.dumps(res), flush=True)
+            with lock:
+                done[name] = res
+                ordered = [done[n] for n in names if n in done]
+                results["recipes"] = previous + ordered
+                results["sanity"] = sanity_check(ordered)
+                Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    previous = results["recipes"]
+    threads = [threading.Thread(target=worker, args=(g,)) for g in range(gpus)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("SANITY " + json.dumps(results["sanity"]), flush=True)
+
+
+def run_one(name: str, gpu: int, args, tflops: float) -> dict:
+    """One recipe in its own process on GPU `gpu`; its RESULT line, or the error it died with."""
     import importlib.util
 
-    names = list(SWEEP) if args.recipes == "sweep" else args.recipes.split(",")
-    for name in names:
-        t0 = time.time()
-        if name.startswith("unsloth") and importlib.util.find_spec("unsloth") is None and not os.environ.get("BENCH_UNSLOTH_PATH"):
-            print(f"{name}: skipped, unsloth is not importable here", flush=True)
-            results["recipes"].append({"recipe": name, "skipped": "unsloth is not importable"})
-            continue
-        env = {**os.environ, "BENCH_MATMUL_TFLOPS": str(tflops)}
-        if name.startswith("unsloth") and os.environ.get("BENCH_UNSLOTH_PATH"):
-            # Unsloth's own dependencies (trl, torchao, ...) only on its own processes' path.
-            env["PYTHONPATH"] = os.environ["BENCH_UNSLOTH_PATH"] + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--lengths", args.lengths, "--out", args.out,
-                               "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)],
-                              capture_output=True, text=True, env=env)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        res = json.loads(line[7:]) if line else {"recipe": name, "error": (proc.stderr or proc.stdout)[-1500:]}
-        res["wall_s"] = round(time.time() - t0, 1)
-        print(json.dumps(res), flush=True)
-        results["recipes"].append(res)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    t0 = time.time()
+    if name.startswith("unsloth") and importlib.util.find_spec("unsloth") is None and not os.environ.get("BENCH_UNSLOTH_PATH"):
+        return {"recipe": name, "skipped": "unsloth is not importable"}
+    env = {**os.environ, "BENCH_MATMUL_TFLOPS": str(tflops)}
+    if os.environ.get("BENCH_SMOKE") != "1":
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(64)))).split(",")[gpu]
+    if name.startswith("unsloth") and os.environ.get("BENCH_UNSLOTH_PATH"):
+        # Unsloth's own dependencies (trl, torchao, ...) only on its own processes' path.
+        env["PYTHONPATH"] = os.environ["BENCH_UNSLOTH_PATH"] + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, __file__, "--one", name, "--lengths", args.lengths, "--out", args.out,
+                           "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)],
+                          capture_output=True, text=True, env=env)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    res = json.loads(line[7:]) if line else {"recipe": name, "error": (proc.stderr or proc.stdout)[-1500:]}
+    res["wall_s"] = round(time.time() - t0, 1)
+    return res
 
+
+def sanity_check(results: list[dict]) -> dict | None:
+    """Recipe 1 against recipe 3 on the same batches: how far apart their losses are, step by step."""
+    by = {r["recipe"]: r for r in results}
+    seed, fast = by.get("sanity-seed", {}).get("losses"), by.get("sanity-fast", {}).get("losses")
+    if not seed or not fast:
+        return None
+    n = min(len(seed), len(fast))
+    rel = [abs(a - b) / abs(a) for a, b in zip(seed[:n], fast[:n])]
+    return {"steps": n, "learning_rate": SANITY["learning_rate"], "loss_seed_recipe": seed[:n], "loss_fast": fast[:n],
+            "loss_drop_seed_recipe": round(seed[0] - seed[n - 1], 4), "loss_drop_fast": round(fast[0] - fast[n - 1], 4),
+            "max_rel_diff": round(max(rel), 4), "final_rel_diff": round(rel[-1], 4)}
 
 if __name__ == "__main__":
     main()

@@ -78,7 +78,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     optim: str = "auto"               # auto = paged_adamw_8bit on CUDA, adamw_torch on CPU
-    packing: bool = True              # padding-free packing (DataCollatorWithFlattening)
+    packing: bool = True              # padding-free packing: examples side by side, each attending only to itself
+    packing_row_tokens: int = 0       # packed rows of at most this many tokens (0 = the whole micro-batch in one row)
     gradient_checkpointing: bool = False
     use_liger: bool = False           # Liger's fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); CUDA only
     logging_steps: int = 5
@@ -341,6 +342,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'lora.dropout': must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"config key 'train.learning_rate': must be > 0, got {cfg.train.learning_rate}")
+    if cfg.train.packing_row_tokens < 0:
+        raise ConfigError(f"config key 'train.packing_row_tokens': must be >= 0 (0 = one row per micro-batch), "
+                          f"got {cfg.train.packing_row_tokens}")
     if cfg.train.num_processes < 0:
         raise ConfigError(f"config key 'train.num_processes': must be >= 0 (0 = every visible GPU), got {cfg.train.num_processes}")
     if cfg.train.max_minutes < 0:

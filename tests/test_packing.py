@@ -1,5 +1,6 @@
 """Padding-free packing must be exact: the same loss as running the examples one by one, and no
-token attending across an example boundary."""
+token attending across an example boundary, whether the micro-batch is one row or several rows that end
+in padding (train.packing_row_tokens)."""
 import pytest
 import torch
 
@@ -17,8 +18,7 @@ def examples():
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_batch_equals_examples_one_by_one(attn):
+def tiny_llama(attn):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
@@ -27,20 +27,47 @@ def test_packed_batch_equals_examples_one_by_one(attn):
         num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn)).eval()
     # transformers only detects packed rows when no KV cache is made; build_trainer turns the cache off.
     model.config.use_cache = False
-    exs = examples()
-    batch = make_collator(build_config("test", {"train.packing": True}), tokenizer=None)(exs)
-    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
-    assert batch["position_ids"][0].tolist() == [i for e in exs for i in range(len(e["input_ids"]))]
+    return model
+
+
+def assert_exact(model, batch, exs, places):
+    """places[i] = (row, offset) of example i in the batch: its logits there equal its logits alone, and the
+    batch loss equals the token-weighted mean of the examples' losses alone."""
     with torch.no_grad():
         packed = model(**batch)
-        total, count, offset = 0.0, 0, 0
-        for e in exs:
+        total, count = 0.0, 0
+        for e, (row, offset) in zip(exs, places):
             ids = torch.tensor([e["input_ids"]])
             alone = model(input_ids=ids, labels=torch.tensor([e["labels"]]))
             n_loss = sum(1 for l in e["labels"][1:] if l != IGNORE_INDEX)
             total, count = total + alone.loss.item() * n_loss, count + n_loss
             # Same logits inside the packed row: nothing leaked in from the examples before it.
             n = ids.shape[1]
-            torch.testing.assert_close(packed.logits[0, offset: offset + n], alone.logits[0], atol=1e-4, rtol=1e-4)
-            offset += n
+            torch.testing.assert_close(packed.logits[row, offset: offset + n], alone.logits[0], atol=1e-4, rtol=1e-4)
     assert packed.loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_equals_examples_one_by_one(attn):
+    model, exs = tiny_llama(attn), examples()
+    batch = make_collator(build_config("test", {"train.packing": True}), tokenizer=None)(exs)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [i for e in exs for i in range(len(e["input_ids"]))]
+    offsets = [sum(len(e["input_ids"]) for e in exs[:i]) for i in range(len(exs))]
+    assert_exact(model, batch, exs, [(0, o) for o in offsets])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_with_padding_equal_examples_one_by_one(attn):
+    from types import SimpleNamespace
+
+    model, exs = tiny_llama(attn), examples()  # 9, 14 and 6 tokens
+    collator = make_collator(build_config("test", {"train.packing": True, "train.packing_row_tokens": 16}),
+                             tokenizer=SimpleNamespace(pad_token_id=0))
+    batch = collator(exs)
+    # First fit by decreasing length: [14] and [9, 6]; the first row is padded by one token to 15.
+    assert collator.rows([9, 14, 6]) == [[1], [0, 2]]
+    assert batch["input_ids"].shape == (2, 15) and "attention_mask" not in batch
+    assert batch["input_ids"][0, 14].item() == 0 and batch["labels"][0, 14].item() == IGNORE_INDEX
+    assert batch["position_ids"][1].tolist() == list(range(9)) + list(range(6))
+    assert_exact(model, batch, exs, [(1, 0), (0, 0), (1, 9)])

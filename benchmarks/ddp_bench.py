@@ -1,0 +1,219 @@
+"""Data-parallel QLoRA on the GPUs of one machine (Kaggle's T4 x2 case): speed-up, loss agreement, kill and resume.
+
+    python benchmarks/ddp_bench.py --lengths .dev/alpaca_lengths.json --out $OUT/ddp_bench.json [-p key=value ...]
+
+Every run goes through qlora_helpers.train.launch_command (the accelerate launch that notebook 03 runs on two
+GPUs) and the project's own build_trainer and train (checkpoints, resume, rank-aware logging). Only the loader
+differs from `python -m qlora_helpers train`: no weights can travel to the GPU machine, so each process builds
+Phi-3-mini's architecture with random weights, quantized NF4 on its own GPU (model.build_random_model), under the
+same per-process memory cap as a T4 (15 GiB). The data are Alpaca-length examples over a 256-token vocabulary, so
+a random-weights model has something to learn and loss curves can be compared.
+
+Measured:
+1. speed: the same recipe (kaggle-t4, micro-batch 64 per GPU) on 1 and on 2 GPUs, non-padding tokens/s over the
+   steps after warm-up; the target is at least 1.8x.
+2. loss agreement: the same global batch (1 GPU x accumulation 2 against 2 GPUs x 1) from the same seed, the
+   training loss of every step.
+3. kill and resume on 2 GPUs: the launch is SIGKILLed (its whole process group, as a Kaggle session ends) after a
+   checkpoint; the same command resumes from it and finishes; every step is logged once and the resumed steps'
+   losses equal those of the uninterrupted 2-GPU run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import PHI3_MINI, TINY, alpaca_like_examples, bench_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CAP_GIB = 15.0
+VOCAB = 259  # token ids 3..258: learnable by a random-weights model
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # a tiny model on CPU processes over gloo: checks the script, measures nothing
+SMOKE_OVERRIDES = {"quant.compute_dtype": "float32", "train.use_liger": False, "train.optim": "adamw_torch",
+                   "train.micro_batch_size": 4}
+
+
+def make_run_dir(run_dir: Path, lengths: list, overrides: dict, n_train: int) -> None:
+    """What notebooks 01 and 02 leave for stage 3: config.json and data/{train,val}.jsonl."""
+    from qlora_helpers import build_config
+
+    cfg = build_config("kaggle-t4", overrides)
+    run_dir.mkdir(parents=True)
+    cfg.save(run_dir / "config.json")
+    examples = alpaca_like_examples(lengths, n_train + 16, cfg.data.max_seq_len, cfg.train.seed, vocab=VOCAB)
+    (run_dir / "data").mkdir()
+    for split, part in (("train", examples[:n_train]), ("val", examples[n_train:])):
+        (run_dir / "data" / f"{split}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in part))
+
+
+def worker(run_dir: Path, warmup: int, timed: int) -> None:
+    """One data-parallel process: what train_stage does, with a random-weights model on this process's GPU."""
+    import torch
+    from transformers import Phi3Config, TrainerCallback
+
+    from qlora_helpers.config import load_config
+    from qlora_helpers.model import attach_lora, build_random_model, local_process_index
+    from qlora_helpers.train import build_trainer, train
+
+    cfg = load_config(run_dir / "config.json")
+    gpu = local_process_index()
+    if SMOKE:
+        model = attach_lora(cfg, build_random_model(cfg, Phi3Config(**TINY), "cpu"))
+    else:
+        torch.cuda.set_device(gpu)
+        torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(gpu).total_memory, gpu)
+        model = attach_lora(cfg, build_random_model(cfg, Phi3Config(**PHI3_MINI), f"cuda:{gpu}"))
+        torch.cuda.reset_peak_memory_stats(gpu)
+    marks: dict[int, tuple[float, int]] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (warmup, warmup + timed):
+                if not SMOKE:
+                    torch.cuda.synchronize()
+                marks[state.global_step] = (time.time(), int(state.num_input_tokens_seen))  # summed over processes
+
+    trainer = build_trainer(cfg, run_dir, model, bench_tokenizer())
+    trainer.add_callback(Clock())
+    metrics = train(cfg, run_dir, trainer)
+    peak = 0.0 if SMOKE else torch.cuda.max_memory_reserved(gpu) / 2**30
+    out = {"gpu": gpu, "peak_reserved_gib": round(peak, 2), "metrics": metrics}
+    if warmup in marks and warmup + timed in marks:
+        (t_a, n_a), (t_b, n_b) = marks[warmup], marks[warmup + timed]
+        out.update(tokens_per_s=round((n_b - n_a) / (t_b - t_a), 1), step_s=round((t_b - t_a) / timed, 3))
+    (run_dir / f"bench-rank{gpu}.json").write_text(json.dumps(out))
+
+
+def launch(run_dir: Path, processes: int, warmup: int, timed: int, kill_after_checkpoint: int | None = None) -> dict:
+    """launch_command's accelerate launch, with this file's worker in place of `-m qlora_helpers train`."""
+    from qlora_helpers.train import launch_command
+
+    cmd = launch_command(run_dir, processes)
+    assert cmd[-5:-2] == ["-m", "qlora_helpers", "train"], cmd
+    cmd = cmd[:-5] + [__file__, "--worker", "--run-dir", str(run_dir), "--warmup", str(warmup), "--timed", str(timed)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(processes))}
+    if SMOKE:
+        env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    log = open(run_dir / f"launch-{time.time():.0f}.log", "w")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed = False
+    if kill_after_checkpoint:
+        ckpt = run_dir / "train" / "checkpoints" / f"checkpoint-{kill_after_checkpoint}" / "trainer_state.json"
+        while proc.poll() is None and not ckpt.exists():
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+    rc = proc.wait()
+    out = {"processes": processes, "rc": rc, "killed": killed, "wall_s": round(time.time() - t0, 1)}
+    if rc and not killed:
+        out["error"] = Path(log.name).read_text()[-3000:]
+        return out
+    rank0 = run_dir / "bench-rank0.json"
+    if rank0.exists() and not killed:
+        out.update(json.loads(rank0.read_text()))
+        out["peak_reserved_gib_per_gpu"] = [json.loads((run_dir / f"bench-rank{g}.json").read_text())["peak_reserved_gib"]
+                                            for g in range(processes)]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    train = [l for l in lines if l["kind"] == "train"]
+    steps = [l["step"] for l in train]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {l["step"]: l["loss"] for l in train}
+
+
+def rel_diff(a: dict[int, float], b: dict[int, float]) -> dict:
+    common = sorted(set(a) & set(b))
+    rel = [abs(a[s] - b[s]) / abs(b[s]) for s in common]
+    return {"steps": len(common), "max_rel_diff": round(max(rel), 5), "mean_rel_diff": round(sum(rel) / len(rel), 5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths")
+    ap.add_argument("--out")
+    ap.add_argument("--work", default="/tmp/ddp-bench")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--timed", type=int, default=20)
+    ap.add_argument("-p", dest="overrides", action="append", default=[], help="config override on kaggle-t4, key=value")
+    ap.add_argument("--only", default="speed,loss,resume")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(Path(args.run_dir), args.warmup, args.timed)
+        return
+    import shutil
+
+    import torch
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    lengths = json.loads(Path(args.lengths).read_text())
+    steps = args.warmup + args.timed
+    half = steps // 2
+    base = {"train.max_steps": steps, "train.logging_steps": 1, "train.eval_steps": steps, "train.save_steps": steps,
+            "train.learning_rate": 1e-3, "eval.max_val_examples": 16, "train.max_minutes": 0.0}
+    base.update(SMOKE_OVERRIDES if SMOKE else {})
+    base.update(dict(o.split("=", 1) for o in args.overrides))
+    from qlora_helpers import build_config
+
+    micro = build_config("kaggle-t4", base).train.micro_batch_size
+    n_train = micro * 2 * steps  # one epoch covers every step, on 1 or 2 GPUs
+    result = {"date": time.strftime("%Y-%m-%d"), "gpus": ["smoke test on CPU"] if SMOKE else [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+              "cap_gib_per_process": CAP_GIB, "profile": "kaggle-t4", "overrides": base, "runs": {}}
+
+    def save():
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+
+    only = args.only.split(",")
+    runs = result["runs"]
+    if "speed" in only:
+        for n in (1, 2):
+            make_run_dir(work / f"speed-{n}gpu", lengths, base, n_train)
+            runs[f"speed-{n}gpu"] = launch(work / f"speed-{n}gpu", n, args.warmup, args.timed)
+            print(f"speed-{n}gpu", json.dumps(runs[f"speed-{n}gpu"]), flush=True)
+        one, two = runs["speed-1gpu"].get("tokens_per_s"), runs["speed-2gpu"].get("tokens_per_s")
+        result["speedup_2_over_1"] = round(two / one, 3) if one and two else None
+        save()
+    if "loss" in only and "speed" in only:
+        # The same global batch: 1 GPU with accumulation 2 against the 2-GPU speed run (accumulation 1).
+        make_run_dir(work / "loss-1gpu-accum2", lengths, {**base, "train.grad_accum": 2}, n_train)
+        runs["loss-1gpu-accum2"] = launch(work / "loss-1gpu-accum2", 1, args.warmup, args.timed)
+        a, b = losses(work / "loss-1gpu-accum2"), losses(work / "speed-2gpu")
+        result["loss_agreement"] = {**rel_diff(a, b), "loss_1gpu_accum2": [a[s] for s in sorted(a)],
+                                    "loss_2gpu": [b[s] for s in sorted(b)]}
+        save()
+    if "resume" in only:
+        over = {**base, "train.eval_steps": half, "train.save_steps": half}
+        run_dir = work / "resume-2gpu"
+        make_run_dir(run_dir, lengths, over, n_train)
+        runs["resume-killed"] = launch(run_dir, 2, args.warmup, args.timed, kill_after_checkpoint=half)
+        runs["resume-resumed"] = launch(run_dir, 2, args.warmup, args.timed)
+        resumed = losses(run_dir)
+        check = {"killed_after_checkpoint": half, "killed": runs["resume-killed"]["killed"],
+                 "resumed_from_step": runs["resume-resumed"].get("metrics", {}).get("resumed_from_step"),
+                 "final_step": runs["resume-resumed"].get("metrics", {}).get("steps"),
+                 "steps_logged_once": sorted(resumed) == list(range(1, steps + 1))}
+        if (work / "speed-2gpu" / "train" / "metrics.jsonl").exists():
+            straight = losses(work / "speed-2gpu")
+            after = {s: v for s, v in resumed.items() if s > half}
+            check["resumed_vs_uninterrupted"] = rel_diff(after, straight)
+        result["resume"] = check
+        save()
+
+
+if __name__ == "__main__":
+    main()
