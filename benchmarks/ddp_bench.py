@@ -110,12 +110,21 @@ def launch(run_dir: Path, processes: int, warmup: int, timed: int, kill_after_ch
         while proc.poll() is None and not ckpt.exists():
             time.sleep(0.05)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # Everything dies at once, as when a Kaggle session ends: the launcher and the training processes
+            # (torch's elastic agent starts those in sessions of their own, so killing the group is not enough).
+            import psutil
+
+            family = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+            for p in family:
+                p.send_signal(signal.SIGKILL)
+            psutil.wait_procs(family, timeout=30)
             killed = True
     rc = proc.wait()
     out = {"processes": processes, "rc": rc, "killed": killed, "wall_s": round(time.time() - t0, 1)}
     if rc and not killed:
-        out["error"] = Path(log.name).read_text()[-3000:]
+        text = Path(log.name).read_text()
+        first = text.find("Traceback")  # the worker's own error, before the launcher's summary
+        out["error"] = (text[first:first + 4000] if first >= 0 else "") + "\n...\n" + text[-1500:]
         return out
     rank0 = run_dir / "bench-rank0.json"
     if rank0.exists() and not killed:
@@ -135,6 +144,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def rel_diff(a: dict[int, float], b: dict[int, float]) -> dict:
     common = sorted(set(a) & set(b))
+    if not common:
+        return {"steps": 0}
     rel = [abs(a[s] - b[s]) / abs(b[s]) for s in common]
     return {"steps": len(common), "max_rel_diff": round(max(rel), 5), "mean_rel_diff": round(sum(rel) / len(rel), 5)}
 
@@ -147,7 +158,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed", type=int, default=20)
     ap.add_argument("-p", dest="overrides", action="append", default=[], help="config override on kaggle-t4, key=value")
-    ap.add_argument("--only", default="speed,loss,resume")
+    ap.add_argument("--only", default="warm,speed,loss,resume1,resume2")
+    ap.add_argument("--timed-speed", type=int, default=40, help="timed steps of the speed runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -163,6 +175,8 @@ def main() -> None:
     lengths = json.loads(Path(args.lengths).read_text())
     steps = args.warmup + args.timed
     half = steps // 2
+    # Loss curves are logged at every step; the speed runs keep the profile's own logging interval (a log step
+    # synchronises the GPUs with the CPU).
     base = {"train.max_steps": steps, "train.logging_steps": 1, "train.eval_steps": steps, "train.save_steps": steps,
             "train.learning_rate": 1e-3, "eval.max_val_examples": 16, "train.max_minutes": 0.0}
     base.update(SMOKE_OVERRIDES if SMOKE else {})
@@ -180,40 +194,59 @@ def main() -> None:
 
     only = args.only.split(",")
     runs = result["runs"]
+    if "warm" in only:
+        # Triton compiles Liger's kernels on first use and caches them on disk: a short launch first, so neither
+        # speed run pays for compiling inside its timed steps.
+        make_run_dir(work / "warm-up", lengths, {**base, "train.max_steps": 6, "train.eval_steps": 6,
+                                                 "train.save_steps": 6}, n_train)
+        runs["warm-up"] = {"wall_s": launch(work / "warm-up", 2, 1, 4)["wall_s"]}
     if "speed" in only:
+        n_speed = args.warmup + args.timed_speed
+        speed = {**base, "train.logging_steps": build_config("kaggle-t4").train.logging_steps,
+                 "train.max_steps": n_speed, "train.eval_steps": n_speed, "train.save_steps": n_speed}
+        speed.update(dict(o.split("=", 1) for o in args.overrides))
+        result["speed_overrides"] = speed
         for n in (1, 2):
-            make_run_dir(work / f"speed-{n}gpu", lengths, base, n_train)
-            runs[f"speed-{n}gpu"] = launch(work / f"speed-{n}gpu", n, args.warmup, args.timed)
+            make_run_dir(work / f"speed-{n}gpu", lengths, speed, micro * 2 * n_speed)
+            runs[f"speed-{n}gpu"] = launch(work / f"speed-{n}gpu", n, args.warmup, args.timed_speed)
             print(f"speed-{n}gpu", json.dumps(runs[f"speed-{n}gpu"]), flush=True)
         one, two = runs["speed-1gpu"].get("tokens_per_s"), runs["speed-2gpu"].get("tokens_per_s")
         result["speedup_2_over_1"] = round(two / one, 3) if one and two else None
         save()
-    if "loss" in only and "speed" in only:
-        # The same global batch: 1 GPU with accumulation 2 against the 2-GPU speed run (accumulation 1).
+    if "loss" in only:
+        # The same global batch from the same seed: 1 GPU with accumulation 2 against 2 GPUs with accumulation 1.
         make_run_dir(work / "loss-1gpu-accum2", lengths, {**base, "train.grad_accum": 2}, n_train)
         runs["loss-1gpu-accum2"] = launch(work / "loss-1gpu-accum2", 1, args.warmup, args.timed)
-        a, b = losses(work / "loss-1gpu-accum2"), losses(work / "speed-2gpu")
+        make_run_dir(work / "loss-2gpu", lengths, base, n_train)
+        runs["loss-2gpu"] = launch(work / "loss-2gpu", 2, args.warmup, args.timed)
+        a, b = losses(work / "loss-1gpu-accum2"), losses(work / "loss-2gpu")
         result["loss_agreement"] = {**rel_diff(a, b), "loss_1gpu_accum2": [a[s] for s in sorted(a)],
                                     "loss_2gpu": [b[s] for s in sorted(b)]}
         save()
-    if "resume" in only:
+    for n in (1, 2):
+        if f"resume{n}" not in only and not (n == 2 and "resume" in only):
+            continue
+        # Kill every process after the checkpoint at half way, relaunch the same command, compare with a straight run.
         over = {**base, "train.eval_steps": half, "train.save_steps": half}
-        run_dir = work / "resume-2gpu"
+        run_dir = work / f"resume-{n}gpu"
         make_run_dir(run_dir, lengths, over, n_train)
-        runs["resume-killed"] = launch(run_dir, 2, args.warmup, args.timed, kill_after_checkpoint=half)
-        runs["resume-resumed"] = launch(run_dir, 2, args.warmup, args.timed)
-        resumed = losses(run_dir)
-        check = {"killed_after_checkpoint": half, "killed": runs["resume-killed"]["killed"],
-                 "resumed_from_step": runs["resume-resumed"].get("metrics", {}).get("resumed_from_step"),
-                 "final_step": runs["resume-resumed"].get("metrics", {}).get("steps"),
-                 "steps_logged_once": sorted(resumed) == list(range(1, steps + 1))}
-        if (work / "speed-2gpu" / "train" / "metrics.jsonl").exists():
-            straight = losses(work / "speed-2gpu")
-            after = {s: v for s, v in resumed.items() if s > half}
-            check["resumed_vs_uninterrupted"] = rel_diff(after, straight)
-        result["resume"] = check
+        runs[f"resume-{n}gpu-killed"] = launch(run_dir, n, args.warmup, args.timed, kill_after_checkpoint=half)
+        runs[f"resume-{n}gpu-resumed"] = launch(run_dir, n, args.warmup, args.timed)
         save()
-
+        resumed_run = runs[f"resume-{n}gpu-resumed"]
+        print(f"resume-{n}gpu", json.dumps(resumed_run)[-4000:], flush=True)
+        check = {"killed_after_checkpoint": half, "killed": runs[f"resume-{n}gpu-killed"]["killed"],
+                 "resumed_from_step": resumed_run.get("metrics", {}).get("resumed_from_step"),
+                 "final_step": resumed_run.get("metrics", {}).get("steps")}
+        if not resumed_run["rc"]:
+            resumed = losses(run_dir)
+            check["steps_logged_once"] = sorted(resumed) == list(range(1, steps + 1))
+            straight_dir = work / ("loss-2gpu" if n == 2 else "loss-1gpu-accum2")
+            if n == 2 and (straight_dir / "train" / "metrics.jsonl").exists():
+                check["resumed_vs_uninterrupted"] = rel_diff({s: v for s, v in resumed.items() if s > half},
+                                                             losses(straight_dir))
+        result[f"resume_{n}gpu"] = check
+        save()
 
 if __name__ == "__main__":
     main()

@@ -190,6 +190,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.max_steps": 60,
         "train.gradient_checkpointing": True,
         "train.use_liger": True,
+        "train.packing_row_tokens": 1024,
         "train.logging_steps": 5,
         "train.eval_steps": 10,
         "train.save_steps": 10,
@@ -209,6 +210,7 @@ PROFILES["kaggle-t4-seed"] = {**PROFILES["kaggle-t4"], **{
     "train.grad_accum": 8,
     "train.max_steps": 120,
     "train.use_liger": False,
+    "train.packing_row_tokens": 0,
     "train.eval_steps": 20,
     "train.save_steps": 20,
 }}
@@ -221,6 +223,7 @@ PROFILES["gpu-fast"] = {**PROFILES["kaggle-t4"], **{
     "train.grad_accum": 1,
     "train.gradient_checkpointing": False,
     "train.use_liger": True,
+    "train.packing_row_tokens": 0,    # flex_attention skips the masked-out blocks itself: one row per micro-batch
     "train.max_minutes": 0.0,
 }}
 # Phi-3-mini in the least GPU memory: one sequence (up to 512 tokens) at a time, checkpointing on.
@@ -230,6 +233,7 @@ PROFILES["low-memory"] = {**PROFILES["kaggle-t4"], **{
     "train.micro_batch_size": 1,
     "train.grad_accum": 8,
     "train.gradient_checkpointing": True,
+    "train.packing_row_tokens": 0,
     "train.max_minutes": 0.0,
 }}
 
@@ -345,6 +349,10 @@ def validate(cfg: Config) -> Config:
     if cfg.train.packing_row_tokens < 0:
         raise ConfigError(f"config key 'train.packing_row_tokens': must be >= 0 (0 = one row per micro-batch), "
                           f"got {cfg.train.packing_row_tokens}")
+    if cfg.train.packing_row_tokens and cfg.model.attn_implementation == "flex_attention":
+        raise ConfigError("config keys 'train.packing_row_tokens' and 'model.attn_implementation=flex_attention': "
+                          "flex_attention already skips the masked-out blocks of one packed row, and rows of varying "
+                          "shape make it recompile (4.4x slower on an H200); set train.packing_row_tokens=0")
     if cfg.train.num_processes < 0:
         raise ConfigError(f"config key 'train.num_processes': must be >= 0 (0 = every visible GPU), got {cfg.train.num_processes}")
     if cfg.train.max_minutes < 0:

@@ -128,10 +128,28 @@ def attention_quadratic_bytes(cfg: Config, shape: dict[str, Any], tokens: int, d
     b, attn, s = cfg.train.micro_batch_size, cfg.model.attn_implementation, dtype_bytes
     packed = cfg.train.packing and b > 1
     squares = tokens * tokens if packed else b * (tokens // b) ** 2
+    rows = packed_rows(cfg, tokens)
+    if rows:  # train.packing_row_tokens: one (rows x width x width) mask instead of tokens x tokens
+        squares = rows[0] * rows[1] ** 2
+        if attn != "flex_attention":
+            return squares * (1 + s * layers_kept) + (shape["heads"] * squares * 2 * s * layers_kept if attn == "eager" else 0)
     if attn == "flex_attention":
         return shape["heads"] * squares * s
     mask = tokens * tokens * (1 + s * layers_kept) if packed else 0
     return mask + (shape["heads"] * squares * 2 * s * layers_kept if attn == "eager" else 0)
+
+
+def packed_rows(cfg: Config, tokens: int) -> tuple[int, int] | None:
+    """(rows, width) of a micro-batch of `tokens` tokens packed into rows of train.packing_row_tokens (None when
+    the micro-batch is one row). First-fit decreasing fills rows almost fully; 5% is allowed for the gaps, and
+    an example longer than a row makes the row as wide as itself."""
+    row = cfg.train.packing_row_tokens
+    if not (cfg.train.packing and row and cfg.train.micro_batch_size > 1):
+        return None
+    if tokens <= row:
+        return 1, tokens
+    width = max(row, cfg.data.max_seq_len)
+    return math.ceil(1.05 * tokens / width), width
 
 
 def tokens_per_micro_batch(cfg: Config, lengths: dict[str, Any] | None = None) -> int:
@@ -179,6 +197,8 @@ def estimate_training_memory(cfg: Config, model_config: Any, hw: dict[str, Any],
     s = DTYPE_BYTES[compute_dtype]
     params = parameter_counts(cfg, shape)
     tokens = tokens_per_micro_batch(cfg, lengths)
+    rows = packed_rows(cfg, tokens)
+    padded = max(tokens, rows[0] * rows[1]) if rows else tokens  # the rows' padding goes through the model too
     L, h, i = shape["layers"], shape["hidden"], shape["intermediate"]
 
     weights = params["quantized"] * bytes_per_quantized_param(cfg, s) + params["embeddings"] * s
@@ -192,7 +212,7 @@ def estimate_training_memory(cfg: Config, model_config: Any, hw: dict[str, Any],
         per_token = L * per_layer
         layers_kept = L
     # plus the final norm's fp32 copy of the last hidden state
-    activations = tokens * (per_token + 4 * h) + attention_quadratic_bytes(cfg, shape, tokens, s, layers_kept)
+    activations = padded * (per_token + 4 * h) + attention_quadratic_bytes(cfg, shape, tokens, s, layers_kept)
     # logits in the compute dtype and in fp32 for the loss (log-softmax, then its gradient, in place of the copy);
     # Liger's fused linear cross-entropy computes them a chunk of tokens at a time (chunk ~ tokens / (vocab/hidden))
     logit_tokens = tokens

@@ -161,7 +161,10 @@ def metrics_callback(cfg: Config, run_dir: Path):
             kept = []
             if path.exists():
                 for line in path.read_text().splitlines():
-                    rec = json.loads(line)
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # the line a kill cut short
+                        continue
                     if rec["step"] <= state.global_step:
                         kept.append(line)
                         self.elapsed_before = max(self.elapsed_before, rec.get("elapsed_s", 0.0))

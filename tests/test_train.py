@@ -87,3 +87,40 @@ def test_the_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, smol_tokenize
     assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
     assert last_checkpoint(tmp_path).endswith("checkpoint-1")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
+    path = tmp_path / "train" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"step": 1, "kind": "train", "loss": 2.0}) + "\n"
+                    + json.dumps({"step": 2, "kind": "train", "loss": 1.9}) + "\n" + '{"step": 3, "kind": "tr')
+    cb = metrics_callback(build_config("test"), tmp_path)
+    cb.on_train_begin(SimpleNamespace(world_size=1, process_index=0),
+                      SimpleNamespace(global_step=2, num_input_tokens_seen=0, epoch=0.0), None)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+
+
+def test_packed_rows_train_like_one_packed_row(tmp_path, smol_tokenizer):
+    """train.packing_row_tokens changes the layout of a micro-batch, not the training: the same examples, the same
+    losses, the same count of real (non-padding) tokens."""
+    from qlora_helpers.data import prepare_data
+    from qlora_helpers.model import attach_lora, load_base_model
+    from qlora_helpers.train import build_trainer, train
+
+    results = {}
+    for rows in (0, 128):
+        run_dir = tmp_path / f"rows{rows}"
+        cfg = build_config("test", {"train.max_steps": 2, "train.micro_batch_size": 8,
+                                    "train.packing_row_tokens": rows, "train.logging_steps": 1,
+                                    "quant.compute_dtype": "float32"})
+        prepare_data(cfg, run_dir, smol_tokenizer)
+        trainer = build_trainer(cfg, run_dir, attach_lora(cfg, load_base_model(cfg)), smol_tokenizer)
+        if rows:
+            batch = trainer.data_collator(trainer.train_dataset[:8])
+            assert batch["input_ids"].shape[0] > 1 and batch["input_ids"].shape[1] <= 128
+        metrics = train(cfg, run_dir, trainer)
+        losses = [json.loads(l)["loss"] for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(l)["kind"] == "train"]
+        results[rows] = (metrics["tokens_seen"], losses)
+    assert results[0][0] == results[128][0]
+    assert results[128][1] == pytest.approx(results[0][1], rel=1e-4)  # fp32: bf16 rounds differently per shape
