@@ -6,11 +6,15 @@ Speed and memory do not depend on the weights, so the model is Phi-3-mini's arch
 weights (qlora_helpers.model.build_random_model), quantized NF4 + double quant in memory, with LoRA r=32,
 trained by the project's own training code (qlora_helpers.train.build_trainer). Sequence lengths are
 drawn from the token lengths of the real Alpaca sample (benchmarks/alpaca_lengths.py writes them).
-Each recipe runs in its own process so memory peaks and caps do not leak between recipes.
+Each recipe runs in its own process so memory peaks and caps do not leak between recipes; on a host with
+several GPUs the recipes run side by side, one per GPU at a time (--gpus), in the same launch.
 
 Measured per recipe: non-padding tokens/s over the optimizer steps after warm-up, peak CUDA allocated and
 reserved, trainable parameters, MFU (4 x 3.72e9 FLOP per token against the GPU's measured bf16 matrix
-rate), and the loss of the first steps for a sanity check between recipes.
+rate). The sanity-* pair trains the seed recipe and gpu-fast on the same batches of learnable data from the
+same seed; the JSON's "sanity" entry holds both loss curves and their largest relative gap.
+
+BENCH_SMOKE=1 runs the same code on a tiny model on the CPU (it checks the script and measures nothing).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ MEASURED_RECIPE = {"quant.mode": "nf4", "quant.double_quant": True, "quant.compu
                    "lora.r": 32, "lora.dropout": 0.1, "lora.target_modules": "qkv_proj,o_proj,gate_up_proj,down_proj",
                    "train.optim": "paged_adamw_8bit", "model.attn_implementation": "sdpa", "data.max_seq_len": 512,
                    "train.micro_batch_size": 1, "train.grad_accum": 8, "train.gradient_checkpointing": True,
-                   "train.packing": True}
+                   "train.packing": True, "train.packing_row_tokens": 0}
 if hasattr(build_config("kaggle-t4").train, "use_liger"):
     MEASURED_RECIPE["train.use_liger"] = False
 
@@ -113,6 +113,19 @@ def test_the_estimate_is_within_30_percent_of_this_pipelines_measured_peaks(phi3
 ], ids=["b8-sdpa-ckpt", "b16-flex-no-ckpt", "b32-flex-no-ckpt", "b64-flex-ckpt"])
 def test_the_estimate_is_within_30_percent_of_the_readmes_padding_free_measurements(phi3, overrides, measured_gib):
     est = estimate(phi3, H200, ALPACA_LENGTHS, **overrides)
+    assert est["total_gib"] == pytest.approx(measured_gib, rel=0.30), est["parts_gib"]
+
+
+@pytest.mark.parametrize("overrides, measured_gib", [
+    ({"train.packing_row_tokens": 0}, 8.23),
+    ({}, 6.19),
+    ({"train.packing_row_tokens": 2048}, 5.85),
+    ({"train.micro_batch_size": 128}, 9.28),
+], ids=["one-row", "rows1024", "rows2048", "b128-rows1024"])
+def test_the_estimate_is_within_30_percent_of_the_kaggle_t4_row_packing_measurements(phi3, overrides, measured_gib):
+    """benchmarks/results/gpu_bench-h200-2026-11-29b.json: the kaggle-t4 profile under a 15 GiB cap, packed
+    micro-batches of 64 (or 128) in one row or in rows of 1,024 / 2,048 tokens, lengths of the real Alpaca sample."""
+    est = estimate_training_memory(build_config("kaggle-t4", overrides), phi3, T4, SAMPLE_LENGTHS_512)
     assert est["total_gib"] == pytest.approx(measured_gib, rel=0.30), est["parts_gib"]
 
 
