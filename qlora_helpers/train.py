@@ -39,6 +39,10 @@ class PackedRowsCollator:
     position_ids (0, 1, ...) and no labels, so it is one more "example" that nothing attends to or from, and
     padding never touches real tokens. The first label of every example is dropped, as in
     DataCollatorWithFlattening: it would be predicted from the example before it.
+
+    Only for attention that reads packing from position_ids row by row (sdpa, eager; flex is refused for speed).
+    transformers' flash-attention path recognises packing only in a batch of one row, so there rows would attend
+    across examples; model.attn_implementation offers no flash choice, so that cannot happen here.
     """
 
     def __init__(self, row_tokens: int, pad_token_id: int):
