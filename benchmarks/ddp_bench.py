@@ -14,9 +14,9 @@ Measured:
    steps after warm-up; the target is at least 1.8x.
 2. loss agreement: the same global batch (1 GPU x accumulation 2 against 2 GPUs x 1) from the same seed, the
    training loss of every step.
-3. kill and resume on 2 GPUs: the launch is SIGKILLed (its whole process group, as a Kaggle session ends) after a
-   checkpoint; the same command resumes from it and finishes; every step is logged once and the resumed steps'
-   losses equal those of the uninterrupted 2-GPU run.
+3. kill and resume on 1 and on 2 GPUs: every process of the launch is SIGKILLed (as when a Kaggle session ends)
+   after a checkpoint; the same command resumes from it and finishes; every step is logged once and, on 2 GPUs,
+   the resumed steps' losses are compared with those of the uninterrupted run.
 """
 from __future__ import annotations
 
@@ -30,12 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import PHI3_MINI, TINY, alpaca_like_examples, bench_tokenizer  # noqa: E402
+from gpu_bench import LEARNABLE_VOCAB, PHI3_MINI, SMOKE, TINY, alpaca_like_examples, bench_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CAP_GIB = 15.0
-VOCAB = 259  # token ids 3..258: learnable by a random-weights model
-SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # a tiny model on CPU processes over gloo: checks the script, measures nothing
 SMOKE_OVERRIDES = {"quant.compute_dtype": "float32", "train.use_liger": False, "train.optim": "adamw_torch",
                    "train.micro_batch_size": 4}
 
@@ -47,7 +45,7 @@ def make_run_dir(run_dir: Path, lengths: list, overrides: dict, n_train: int) ->
     cfg = build_config("kaggle-t4", overrides)
     run_dir.mkdir(parents=True)
     cfg.save(run_dir / "config.json")
-    examples = alpaca_like_examples(lengths, n_train + 16, cfg.data.max_seq_len, cfg.train.seed, vocab=VOCAB)
+    examples = alpaca_like_examples(lengths, n_train + 16, cfg.data.max_seq_len, cfg.train.seed, vocab=LEARNABLE_VOCAB)
     (run_dir / "data").mkdir()
     for split, part in (("train", examples[:n_train]), ("val", examples[n_train:])):
         (run_dir / "data" / f"{split}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in part))
@@ -179,8 +177,8 @@ def main() -> None:
     # synchronises the GPUs with the CPU).
     base = {"train.max_steps": steps, "train.logging_steps": 1, "train.eval_steps": steps, "train.save_steps": steps,
             "train.learning_rate": 1e-3, "eval.max_val_examples": 16, "train.max_minutes": 0.0}
-    base.update(SMOKE_OVERRIDES if SMOKE else {})
-    base.update(dict(o.split("=", 1) for o in args.overrides))
+    user = dict(o.split("=", 1) for o in args.overrides)
+    base.update({**(SMOKE_OVERRIDES if SMOKE else {}), **user})
     from qlora_helpers import build_config
 
     micro = build_config("kaggle-t4", base).train.micro_batch_size
@@ -203,8 +201,7 @@ def main() -> None:
     if "speed" in only:
         n_speed = args.warmup + args.timed_speed
         speed = {**base, "train.logging_steps": build_config("kaggle-t4").train.logging_steps,
-                 "train.max_steps": n_speed, "train.eval_steps": n_speed, "train.save_steps": n_speed}
-        speed.update(dict(o.split("=", 1) for o in args.overrides))
+                 "train.max_steps": n_speed, "train.eval_steps": n_speed, "train.save_steps": n_speed, **user}
         result["speed_overrides"] = speed
         for n in (1, 2):
             make_run_dir(work / f"speed-{n}gpu", lengths, speed, micro * 2 * n_speed)
@@ -224,7 +221,7 @@ def main() -> None:
                                     "loss_2gpu": [b[s] for s in sorted(b)]}
         save()
     for n in (1, 2):
-        if f"resume{n}" not in only and not (n == 2 and "resume" in only):
+        if f"resume{n}" not in only:
             continue
         # Kill every process after the checkpoint at half way, relaunch the same command, compare with a straight run.
         over = {**base, "train.eval_steps": half, "train.save_steps": half}

@@ -33,7 +33,9 @@ from pathlib import Path
 PHI3_MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                  pad_token_id=32000, eos_token_id=32000, bos_token_id=1)
-FLOP_PER_TOKEN = 4 * 3.72e9          # forward + backward through a frozen base with LoRA
+FLOP_PER_TOKEN = 4 * 3.72e9
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # a tiny model on the CPU: checks the script, measures nothing
+LEARNABLE_VOCAB = 259  # token ids 3..258: data a random-weights model can learn, for comparing loss curves          # forward + backward through a frozen base with LoRA
 ALL_FOUR = "qkv_proj,o_proj,gate_up_proj,down_proj"
 
 # Every recipe: config overrides on a profile, plus a memory cap (GiB, None = whole GPU). Recipes named
@@ -84,7 +86,7 @@ RECIPES["fast-b64-rows2048"] = {"profile": "gpu-fast", "cap_gib": None, "overrid
 # Numerical sanity: recipe 1 (targets corrected) and recipe 3 on the same batches of 8 from the same seed, on data
 # a random-weights model can learn (tokens from a 256-id subset, so the loss can fall from ln(32064) toward
 # ln(256)); their loss curves must agree within a few percent. Only the batch shape of recipe 3 changes (8 x 1).
-SANITY = {"steps": 20, "learning_rate": 1e-3}
+SANITY = {"steps": 20, "learning_rate": 1e-3}  # data: LEARNABLE_VOCAB
 RECIPES["sanity-seed"] = {"profile": "kaggle-t4-seed", "cap_gib": None, "sanity": True, "overrides": {}}
 RECIPES["sanity-fast"] = {"profile": "gpu-fast", "cap_gib": None, "sanity": True, "overrides": {
     "train.micro_batch_size": 8, "train.grad_accum": 1}}
@@ -167,13 +169,12 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
     from qlora_helpers.model import attach_lora, build_random_model, count_parameters
     from qlora_helpers.train import build_trainer
 
-    smoke = os.environ.get("BENCH_SMOKE") == "1"  # a tiny model on the CPU: checks the script, measures nothing
-    device = "cpu" if smoke else "cuda"
-    if recipe["cap_gib"] and not smoke:
+    device = "cpu" if SMOKE else "cuda"
+    if recipe["cap_gib"] and not SMOKE:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(recipe["cap_gib"] * 2**30 / total)
     smoke_over = {"quant.compute_dtype": "float32", "train.use_liger": False, "model.attn_implementation": "sdpa",
-                  "train.optim": "adamw_torch"} if smoke else {}
+                  "train.optim": "adamw_torch"} if SMOKE else {}
     sanity_over = {"train.learning_rate": SANITY["learning_rate"]} if recipe.get("sanity") else {}
     cfg = build_config(recipe["profile"], {**recipe["overrides"], **sanity_over, **smoke_over, "train.max_steps": warmup + steps,
                                            "train.eval_steps": 10_000, "train.save_steps": 10_000,
@@ -182,7 +183,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
     lengths = json.loads(Path(lengths_path).read_text())
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     examples = alpaca_like_examples(lengths, per_step * (warmup + steps + 1), cfg.data.max_seq_len, seed,
-                                    vocab=259 if recipe.get("sanity") else 32000)
+                                    vocab=LEARNABLE_VOCAB if recipe.get("sanity") else 32000)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         (run_dir / "data").mkdir()
@@ -192,10 +193,10 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
         if name.startswith("unsloth"):
             model, tokenizer = unsloth_model(cfg, recipe["unsloth_checkpointing"], seed)
         else:
-            model = attach_lora(cfg, build_random_model(cfg, Phi3Config(**(TINY if smoke else PHI3_MINI)), device))
+            model = attach_lora(cfg, build_random_model(cfg, Phi3Config(**(TINY if SMOKE else PHI3_MINI)), device))
             tokenizer = bench_tokenizer()
         load_s = time.time() - t0
-        if not smoke:
+        if not SMOKE:
             torch.cuda.reset_peak_memory_stats()
 
         class Clock(TrainerCallback):
@@ -204,7 +205,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
 
             def on_step_end(self, args, state, control, **kw):
                 if state.global_step == warmup + steps or (warmup and state.global_step == warmup):
-                    if not smoke:
+                    if not SMOKE:
                         torch.cuda.synchronize()
                     Clock.marks[state.global_step] = (time.time(), state.num_input_tokens_seen)
 
@@ -214,7 +215,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
 
         trainer = build_trainer(cfg, run_dir, model, tokenizer)
         trainer.add_callback(Clock())
-        if not smoke:
+        if not SMOKE:
             torch.cuda.synchronize()
         Clock.marks[0] = (time.time(), 0)
         trainer.train()
@@ -222,10 +223,10 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
     tps = (tok_b - tok_a) / (t_b - t_a)
     return {"recipe": name, "profile": recipe["profile"], "overrides": recipe["overrides"], "cap_gib": recipe["cap_gib"],
             "config": {k: v for k, v in cfg.flat().items() if k.startswith(("train.", "lora.", "quant.", "model.attn", "data.max"))},
-            "tokens_per_s": round(tps, 1), "mfu": None if smoke else round(tps * FLOP_PER_TOKEN / MATMUL_TFLOPS / 1e12, 4),
+            "tokens_per_s": round(tps, 1), "mfu": None if SMOKE else round(tps * FLOP_PER_TOKEN / MATMUL_TFLOPS / 1e12, 4),
             "steps_timed": steps, "warmup_steps": warmup, "step_s": round((t_b - t_a) / steps, 3),
-            "peak_allocated_gib": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gib": None if smoke else round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "peak_allocated_gib": None if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": None if SMOKE else round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "trainable_params": count_parameters(model)["trainable"], "load_s": round(load_s, 1),
             "losses": Clock.losses if recipe.get("sanity") else Clock.losses[:10]}
 
@@ -268,9 +269,8 @@ def main() -> None:
     import torch
     import transformers, peft, bitsandbytes  # noqa: E401
 
-    smoke = os.environ.get("BENCH_SMOKE") == "1"
-    tflops = 0.0 if smoke else measure_matmul_tflops()
-    results = {"gpu": "smoke test on CPU" if smoke else torch.cuda.get_device_name(0), "bf16_matmul_tflops_measured": tflops,
+    tflops = 0.0 if SMOKE else measure_matmul_tflops()
+    results = {"gpu": "smoke test on CPU" if SMOKE else torch.cuda.get_device_name(0), "bf16_matmul_tflops_measured": tflops,
                "versions": {m.__name__: m.__version__ for m in (torch, transformers, peft, bitsandbytes)},
                "date": time.strftime("%Y-%m-%d"), "recipes": []}
     if args.append and Path(args.out).exists():
@@ -278,7 +278,7 @@ def main() -> None:
     names = list(SWEEP) if args.recipes == "sweep" else args.recipes.split(",")
     # One worker per GPU, each recipe in its own process on one GPU: recipes run side by side on a multi-GPU
     # host and still one at a time per GPU, so nothing shares a GPU with what it is measured against.
-    gpus = 1 if smoke else (args.gpus or torch.cuda.device_count())
+    gpus = 1 if SMOKE else (args.gpus or torch.cuda.device_count())
     queue = list(names)
     lock = threading.Lock()
     done: dict[str, dict] = {}
@@ -316,7 +316,7 @@ def run_one(name: str, gpu: int, args, tflops: float) -> dict:
     if name.startswith("unsloth") and importlib.util.find_spec("unsloth") is None and not os.environ.get("BENCH_UNSLOTH_PATH"):
         return {"recipe": name, "skipped": "unsloth is not importable"}
     env = {**os.environ, "BENCH_MATMUL_TFLOPS": str(tflops)}
-    if os.environ.get("BENCH_SMOKE") != "1":
+    if not SMOKE:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(64)))).split(",")[gpu]
     if name.startswith("unsloth") and os.environ.get("BENCH_UNSLOTH_PATH"):
         # Unsloth's own dependencies (trl, torchao, ...) only on its own processes' path.

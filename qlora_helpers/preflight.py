@@ -129,13 +129,11 @@ def attention_quadratic_bytes(cfg: Config, shape: dict[str, Any], tokens: int, d
     packed = cfg.train.packing and b > 1
     squares = tokens * tokens if packed else b * (tokens // b) ** 2
     rows = packed_rows(cfg, tokens)
-    if rows:  # train.packing_row_tokens: one (rows x width x width) mask instead of tokens x tokens
+    if rows:  # train.packing_row_tokens: a (rows x width x width) mask instead of one tokens x tokens
         squares = rows[0] * rows[1] ** 2
-        if attn != "flex_attention":
-            return squares * (1 + s * layers_kept) + (shape["heads"] * squares * 2 * s * layers_kept if attn == "eager" else 0)
     if attn == "flex_attention":
         return shape["heads"] * squares * s
-    mask = tokens * tokens * (1 + s * layers_kept) if packed else 0
+    mask = squares * (1 + s * layers_kept) if packed else 0
     return mask + (shape["heads"] * squares * 2 * s * layers_kept if attn == "eager" else 0)
 
 
