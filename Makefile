@@ -28,10 +28,10 @@ test: setup
 # KAGGLE_USER defaults to $KAGGLE_USERNAME or the username in ~/.kaggle/kaggle.json.
 KAGGLE_USER ?=
 kaggle-dataset: setup
-	$(PY) -m qlora_helpers.kaggle dataset dist/kaggle-dataset $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+	$(PY) tools/kaggle_build.py dataset dist/kaggle-dataset $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
 
 kaggle-kernel: setup
-	$(PY) -m qlora_helpers.kaggle kernel dist/kaggle-kernel $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+	$(PY) tools/kaggle_build.py kernel dist/kaggle-kernel $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
 
 clean:
 	rm -rf $(VENV) runs

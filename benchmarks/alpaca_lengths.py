@@ -10,14 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-from qlora_helpers import build_config
-from qlora_helpers.data import Formatter, load_raw, to_turns
-from qlora_helpers.model import load_tokenizer
+from qlora_helpers import Stage, build_config
+from qlora_helpers.data import Formatter, load_tokenizer
+from qlora_helpers.datafiles import load_raw, to_turns
 
 
 def main(src: str, dst: str) -> None:
     cfg = build_config("embedded", {"data.source": src})
-    fmt = Formatter(load_tokenizer(cfg), "chat")
+    fmt = Formatter(load_tokenizer(Stage(cfg)), "chat")
     lengths = []
     rows, _ = load_raw(cfg)
     for row in rows:

@@ -15,10 +15,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-from qlora_helpers import build_config
+from qlora_helpers import Stage, build_config
 from qlora_helpers.config import parse_overrides
-from qlora_helpers.data import prepare_data
-from qlora_helpers.model import attach_lora, load_base_model, load_tokenizer
+from qlora_helpers.data import load_tokenizer, prepare_data
+from qlora_helpers.model import attach_lora, load_base_model
 from qlora_helpers.runs import environment
 from qlora_helpers.train import build_trainer, train
 
@@ -37,11 +37,12 @@ def main() -> None:
         for packing in (True, False):
             cfg = build_config(args.profile, {**base, "train.packing": packing})
             run_dir = Path(tmp) / f"packing-{packing}"
-            tok = load_tokenizer(cfg)
-            data = prepare_data(cfg, run_dir, tok)
-            trainer = build_trainer(cfg, run_dir, attach_lora(cfg, load_base_model(cfg)), tok)
+            stage = Stage(cfg, run_dir)
+            tok = load_tokenizer(stage)
+            data = prepare_data(stage, tok)
+            trainer = build_trainer(stage, attach_lora(stage, load_base_model(stage)), tok)
             t0 = time.time()
-            m = train(cfg, run_dir, trainer)
+            m = train(stage, trainer)
             results.append({"packing": packing, "steps": m["steps"], "train_wall_s": round(time.time() - t0, 2),
                             "tokens_seen": m["tokens_seen"], "tokens_per_s": m["tokens_per_s"],
                             "train_loss": m["train_loss"], "examples_seen": m["examples_seen"],

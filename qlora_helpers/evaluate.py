@@ -2,7 +2,9 @@
 base model and the fine-tuned one; greedy answers side by side; whether the model stops.
 
 Base and fine-tuned share one loaded model: the adapter is switched off for the base numbers
-(``disable_adapter``), so nothing but the adapter differs between the two columns.
+(``disable_adapter``), so nothing but the adapter differs between the two columns. The validation loss is
+the Trainer's own ``evaluate()`` with training's collator and masking, so the fine-tuned number is the
+one training reported for its best checkpoint.
 """
 from __future__ import annotations
 
@@ -13,49 +15,37 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .data import IGNORE_INDEX, Formatter, load_split
-from .runs import memory_snapshot, write_json
+from .config import UserError
+from .data import Formatter, load_split
+from .model import load_base_model
+from .runs import memory_snapshot, write_json, write_text
+from .stage import Stage
 
 
-def load_finetuned(cfg: Config, run_dir: str | Path):
+def load_finetuned(stage: Stage):
     """Base model quantized as in training, with the trained adapter attached (not merged)."""
     from peft import PeftModel
 
-    from .model import load_base_model
-
-    adapter = Path(run_dir) / "adapter"
+    adapter = stage.path("adapter")
     if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter} has no adapter: run notebook 03_lora_training on this run directory first")
-    model = PeftModel.from_pretrained(load_base_model(cfg), str(adapter))
+        raise UserError(f"{adapter} has no adapter: run notebook 03_lora_training on this run directory first")
+    model = PeftModel.from_pretrained(load_base_model(stage), str(adapter))
     model.eval()
     return model
 
 
-def validation_loss(model, examples: list[dict[str, Any]], batch_size: int, pad_id: int) -> dict[str, float]:
-    """Mean loss per response token (the tokens that carry the loss in training) and its perplexity."""
-    import torch
+def validation_loss(stage: Stage, model, tokenizer, examples: list[dict[str, Any]]) -> dict[str, float]:
+    """The Trainer's eval_loss on `examples` (response tokens only, training's collator) and its perplexity."""
+    from transformers import Trainer
 
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i: i + batch_size]
-            width = max(len(e["input_ids"]) for e in batch)
-            ids = torch.full((len(batch), width), pad_id)
-            labels = torch.full((len(batch), width), IGNORE_INDEX)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, e in enumerate(batch):
-                n = len(e["input_ids"])
-                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                     shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-            total += loss.item()
-            count += int((shift_labels != IGNORE_INDEX).sum())
-    mean = total / max(1, count)
-    return {"loss": round(mean, 4), "perplexity": round(math.exp(min(mean, 50)), 3), "tokens": count}
+    from .packing import make_collator
+    from .train import training_arguments
+
+    data = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    trainer = Trainer(model=model, args=training_arguments(stage, len(data), world=1), eval_dataset=data,
+                      data_collator=make_collator(stage, tokenizer), processing_class=tokenizer)
+    loss = trainer.evaluate()["eval_loss"]
+    return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, stop_ids: list[int]):
@@ -129,40 +119,41 @@ def score(answers: list[dict], examples: list[dict], checkable: bool) -> dict[st
     return out
 
 
-def held_out_prompts(cfg: Config, run_dir: str | Path, tokenizer) -> tuple[list[dict], list[str], list[int]]:
+def held_out_prompts(stage: Stage, tokenizer) -> tuple[list[dict], list[str], list[int]]:
     """The fixed held-out prompts (the first eval.num_prompts validation examples), formatted exactly as
     in training, and the token ids that end a turn. Evaluation and the export check both use these."""
-    examples = load_split(run_dir, "val")[: cfg.eval.num_prompts]
+    cfg = stage.cfg
+    examples = load_split(stage.run_dir, "val")[: cfg.eval.num_prompts]
     formatter = Formatter(tokenizer, cfg.data.template, cfg.data.system_prompt)
     prompts = [formatter.prompt_text(json.loads(e["prompt_messages"]), e["alpaca_key"]) for e in examples]
     return examples, prompts, sorted({formatter.end_token_id, tokenizer.eos_token_id} - {None})
 
 
-def evaluate_run(cfg: Config, run_dir: str | Path, model, tokenizer) -> dict[str, Any]:
+def evaluate_run(stage: Stage, model, tokenizer) -> dict[str, Any]:
     """Base vs fine-tuned on the validation split; writes eval/metrics.json and eval/generations.jsonl."""
-    run_dir = Path(run_dir)
+    cfg, run_dir = stage.cfg, stage.run_dir
     val = load_split(run_dir, "val")
     loss_set = val[: cfg.eval.max_val_examples] if cfg.eval.max_val_examples else val
-    prompts_set, prompts, stop_ids = held_out_prompts(cfg, run_dir, tokenizer)
+    prompts_set, prompts, stop_ids = held_out_prompts(stage, tokenizer)
     checkable = all(e.get("task") for e in prompts_set)
     results: dict[str, Any] = {}
     for label in ("base", "finetuned"):
         ctx = model.disable_adapter() if label == "base" else nullcontext()
         with ctx:
-            loss = validation_loss(model, loss_set, cfg.eval.batch_size, tokenizer.pad_token_id)
+            loss = validation_loss(stage, model, tokenizer, loss_set)
             answers, speed = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, stop_ids)
         results[label] = {"val_loss": loss["loss"], "perplexity": loss["perplexity"], "generation": speed,
                           **score(answers, prompts_set, checkable), "answers": answers}
     out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "generations.jsonl", "w") as f:
-        for i, e in enumerate(prompts_set):
-            row = {"prompt": json.loads(e["prompt_messages"])[-1]["content"], "reference": e["response"], "task": e["task"] or None}
-            for label in ("base", "finetuned"):
-                a = results[label]["answers"][i]
-                row.update({label: a["answer"], f"{label}_stopped": a["stopped"],
-                            f"{label}_exact": is_exact(a["answer"], e["response"], e["task"]) if checkable else None})
-            f.write(json.dumps(row) + "\n")
+    lines = []
+    for i, e in enumerate(prompts_set):
+        row = {"prompt": json.loads(e["prompt_messages"])[-1]["content"], "reference": e["response"], "task": e["task"] or None}
+        for label in ("base", "finetuned"):
+            a = results[label]["answers"][i]
+            row.update({label: a["answer"], f"{label}_stopped": a["stopped"],
+                        f"{label}_exact": is_exact(a["answer"], e["response"], e["task"]) if checkable else None})
+        lines.append(json.dumps(row) + "\n")
+    write_text(out / "generations.jsonl", "".join(lines))
     metrics = {"val_examples": len(loss_set), "prompts": len(prompts_set), "max_new_tokens": cfg.eval.max_new_tokens,
                "batch_size": cfg.eval.batch_size, "checkable": checkable,
                **{label: {k: v for k, v in r.items() if k != "answers"} for label, r in results.items()},

@@ -17,14 +17,17 @@ it, which is why ``eval.export_dtype`` defaults to float16.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, UserError
+from .config import UserError
+from .data import load_tokenizer
+from .evaluate import generate, held_out_prompts, score
+from .model import load_base_model
 from .runs import memory_snapshot, write_json
+from .stage import Stage
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_DIR = Path("export") / "merged"
@@ -49,33 +52,28 @@ class ExportMismatch(RuntimeError):
     """The merged model does not reproduce base + adapter: the export is broken and must not ship."""
 
 
-def adapter_dir(run_dir: str | Path) -> Path:
+def adapter_dir(stage: Stage) -> Path:
     """The trained adapter, checked to hold the files PeftModel.from_pretrained needs."""
-    path = Path(run_dir) / "adapter"
+    path = stage.path("adapter")
     missing = [f for f in ADAPTER_FILES if not (path / f).exists()]
     if missing:
-        raise FileNotFoundError(f"{path} lacks {', '.join(missing)}: run notebook 03_lora_training on this run directory first")
+        raise UserError(f"{path} lacks {', '.join(missing)}: run notebook 03_lora_training on this run directory first")
     return path
 
 
-def load_unquantized(cfg: Config, dtype: str, path: str | None = None):
+def load_unquantized(stage: Stage, dtype: str, path: str | None = None):
     """The base model (or the model at ``path``) in plain ``dtype``, with no quantization: what the
     adapter is merged into and what people load it onto. Same loader as training, quantization off."""
-    from .model import load_base_model
-
-    plain = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, mode="none"))
-    if path is not None:  # a saved folder: the base's revision and GGUF file name do not apply
-        plain = dataclasses.replace(plain, model=dataclasses.replace(cfg.model, revision="", gguf_file=""))
-    model = load_base_model(plain, path=path, compute_dtype=dtype)
+    model = load_base_model(stage, quantization=False, location=path, dtype=dtype)
     model.eval()
     return model
 
 
-def base_plus_adapter(cfg: Config, run_dir: str | Path, dtype: str):
+def base_plus_adapter(stage: Stage, dtype: str):
     """Unquantized base with the trained adapter attached, not merged: the reference for the merge."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_unquantized(cfg, dtype), str(adapter_dir(run_dir)))
+    model = PeftModel.from_pretrained(load_unquantized(stage, dtype), str(adapter_dir(stage)))
     model.eval()
     return model
 
@@ -89,22 +87,34 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def merge_adapter(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
-    """Merge the adapter into a 16-bit copy of the base and save it with its tokenizer."""
-    from .model import load_tokenizer
+def merge_base(stage: Stage):
+    """The 16-bit weights the adapter is merged into (eval.export_dtype), unquantized, on this process's device."""
+    return load_unquantized(stage, stage.cfg.eval.export_dtype)
 
-    run_dir = Path(run_dir)
-    out = run_dir / MERGED_DIR
-    dtype = cfg.eval.export_dtype
-    t0 = time.time()
-    # safe_merge checks every merged weight for NaN/inf before it replaces the original.
-    merged = base_plus_adapter(cfg, run_dir, dtype).merge_and_unload(safe_merge=True)
+
+def save_merged(stage: Stage, merged, started: float | None = None) -> dict[str, Any]:
+    """Save a merged model (``merge_and_unload``'s result) with its tokenizer to RUN_DIR/export/merged."""
+    out = stage.path(str(MERGED_DIR))
     merged.config.use_cache = True  # the shared loader turns the KV cache off for training; users generate
     merged.save_pretrained(str(out))
-    load_tokenizer(cfg).save_pretrained(str(out))
+    load_tokenizer(stage).save_pretrained(str(out))
+    info = {"path": str(MERGED_DIR), "dtype": stage.cfg.eval.export_dtype, "bytes": _dir_bytes(out)}
+    if started is not None:
+        info["wall_s"] = round(time.time() - started, 2)
+    return info
+
+
+def merge_adapter(stage: Stage) -> dict[str, Any]:
+    """Merge the adapter into the 16-bit base and save it: what notebook 04 does in its own cells."""
+    from peft import PeftModel
+
+    t0 = time.time()
+    # safe_merge checks every merged weight for NaN/inf before it replaces the original.
+    merged = PeftModel.from_pretrained(merge_base(stage), str(adapter_dir(stage))).merge_and_unload(safe_merge=True)
+    info = save_merged(stage, merged, t0)
     del merged
     gc.collect()
-    return {"path": str(MERGED_DIR), "dtype": dtype, "bytes": _dir_bytes(out), "wall_s": round(time.time() - t0, 2)}
+    return info
 
 
 def answer_logits(model, prompt_ids: list[int], answer_ids: list[int]):
@@ -118,12 +128,11 @@ def answer_logits(model, prompt_ids: list[int], answer_ids: list[int]):
     return logits[len(prompt_ids) - 1: len(prompt_ids) + len(answer_ids) - 1]
 
 
-def _greedy_with_logits(model, tokenizer, prompts: list[str], cfg: Config, stop_ids: list[int], teacher=None):
+def _greedy_with_logits(model, tokenizer, prompts: list[str], stage: Stage, stop_ids: list[int], teacher=None):
     """Greedy answers to every prompt, and the logits along the first LOGIT_PROMPTS answers: this model's
     own, or ``teacher``'s answers fed in, so that two models are compared on the same tokens."""
-    from .evaluate import generate
-
-    answers, _ = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, stop_ids)
+    ev = stage.cfg.eval
+    answers, _ = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, stop_ids)
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[:LOGIT_PROMPTS]]
     logits = [answer_logits(model, p, a["token_ids"]) for p, a in zip(prompt_ids, teacher or answers)]
     return answers, prompt_ids, logits
@@ -141,29 +150,25 @@ def _divergence(model, prompt_ids: list[int], reference: list[int], own: list[in
     return {"position": at, "margin": round((logits[own[at]] - logits[reference[at]]).item(), 5)}
 
 
-def verify_merged(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+def verify_merged(stage: Stage) -> dict[str, Any]:
     """Does the merged 16-bit model answer like base + adapter? Loads one model at a time (a merged Phi-3
     next to its reference would not fit a T4), compares greedy answers on every held-out prompt and
     logits along the first few answers, and how far the adapter moves those logits from the base, so a
     merge that lost the update shows. A differing answer is accepted only where it parts at a near-tie."""
-    from .evaluate import held_out_prompts, score
-    from .model import hardware, load_tokenizer
-
-    run_dir = Path(run_dir)
     t0 = time.time()
-    dtype = "float32" if hardware()["device"] == "cpu" else cfg.eval.export_dtype
-    tokenizer = load_tokenizer(cfg)
-    examples, prompts, stop_ids = held_out_prompts(cfg, run_dir, tokenizer)
+    dtype = "float32" if stage.hw["device"] == "cpu" else stage.cfg.eval.export_dtype
+    tokenizer = load_tokenizer(stage)
+    examples, prompts, stop_ids = held_out_prompts(stage, tokenizer)
 
-    reference = base_plus_adapter(cfg, run_dir, dtype)
-    ref_answers, prompt_ids, ref_logits = _greedy_with_logits(reference, tokenizer, prompts, cfg, stop_ids)
+    reference = base_plus_adapter(stage, dtype)
+    ref_answers, prompt_ids, ref_logits = _greedy_with_logits(reference, tokenizer, prompts, stage, stop_ids)
     with reference.disable_adapter():
         base_logits = [answer_logits(reference, p, a["token_ids"]) for p, a in zip(prompt_ids, ref_answers)]
     del reference
     gc.collect()
 
-    merged = load_unquantized(cfg, dtype, path=str(run_dir / MERGED_DIR))
-    merged_answers, _, merged_logits = _greedy_with_logits(merged, tokenizer, prompts, cfg, stop_ids, teacher=ref_answers)
+    merged = load_unquantized(stage, dtype, path=str(stage.path(str(MERGED_DIR))))
+    merged_answers, _, merged_logits = _greedy_with_logits(merged, tokenizer, prompts, stage, stop_ids, teacher=ref_answers)
     error, effect = _max_abs_diff(merged_logits, ref_logits), _max_abs_diff(ref_logits, base_logits)
     differing = {i: _divergence(merged, tokenizer(prompts[i], add_special_tokens=False)["input_ids"],
                                 ref_answers[i]["token_ids"], m["token_ids"])
@@ -187,7 +192,7 @@ def verify_merged(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the hub
-def stage_for_hub(cfg: Config, adapter: Path, staging: Path) -> Path:
+def stage_for_hub(stage: Stage, adapter: Path, staging: Path) -> Path:
     """A copy of the adapter fit to publish: without ``training_args.bin`` (a pickle of the Trainer's
     settings, unsafe to load and not needed), and naming the base model by its hub id when the run
     loaded it from a local or Kaggle path, so ``AutoPeftModelForCausalLM.from_pretrained(repo)`` finds it."""
@@ -196,6 +201,7 @@ def stage_for_hub(cfg: Config, adapter: Path, staging: Path) -> Path:
 
     out = staging / "adapter"
     shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("training_args.bin"))
+    cfg = stage.cfg
     name = cfg.model.name
     if "/" in name and not Path(name).expanduser().exists() and not name.endswith(".gguf"):
         config_path = out / "adapter_config.json"
@@ -216,16 +222,16 @@ def hub_token_for(repo_id: str) -> str:
     return token
 
 
-def push_adapter(cfg: Config, run_dir: str | Path) -> dict[str, Any] | None:
+def push_adapter(stage: Stage) -> dict[str, Any] | None:
     """Upload the adapter folder to ``eval.push_to_hub`` (a private repository is created if needed).
 
     Nothing happens, and no token is looked up, when the key is empty. Errors name the repository and
     how to fix it; the token never appears in them (the hub's message is passed on with it blanked out).
     """
-    repo_id = cfg.eval.push_to_hub.strip()
+    repo_id = stage.cfg.eval.push_to_hub.strip()
     if not repo_id:
         return None
-    folder = adapter_dir(run_dir)
+    folder = adapter_dir(stage)
     token = hub_token_for(repo_id)
     from huggingface_hub import HfApi
 
@@ -235,8 +241,8 @@ def push_adapter(cfg: Config, run_dir: str | Path) -> dict[str, Any] | None:
     try:
         with tempfile.TemporaryDirectory() as staging:
             url = api.create_repo(repo_id, private=True, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=str(stage_for_hub(cfg, folder, Path(staging))),
-                                       commit_message=f"QLoRA adapter from run {Path(run_dir).name}")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(stage_for_hub(stage, folder, Path(staging))),
+                                       commit_message=f"QLoRA adapter from run {stage.run_dir.name}")
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one line without the token
         first = (str(exc).strip().splitlines() or [""])[0].replace(token, "***")
         raise HubPushFailed(f"eval.push_to_hub={repo_id!r}: the push failed ({type(exc).__name__}: {first})") from None
@@ -244,25 +250,34 @@ def push_adapter(cfg: Config, run_dir: str | Path) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- the stage
-def export_run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+def check_before_export(stage: Stage) -> None:
+    """What must hold before minutes go into a merge: an adapter to export, and a token if a push was asked for."""
+    adapter_dir(stage)
+    if stage.cfg.eval.push_to_hub.strip():
+        hub_token_for(stage.cfg.eval.push_to_hub.strip())  # a missing token fails now, not after the merge
+
+
+def export_run(stage: Stage) -> dict[str, Any]:
     """Everything notebook 04 exports: checks the adapter, merges and verifies (eval.export_merged),
     pushes (eval.push_to_hub); writes RUN_DIR/export/metrics.json and returns it."""
+    check_before_export(stage)
+    merged = merge_adapter(stage) if stage.cfg.eval.export_merged else None
+    return finish_export(stage, merged)
+
+
+def finish_export(stage: Stage, merged: dict[str, Any] | None) -> dict[str, Any]:
+    """After the merge (``merged``: what save_merged returned, or None): check the merged model against base +
+    adapter, push the adapter if asked, and write RUN_DIR/export/metrics.json."""
     import json
 
-    run_dir = Path(run_dir)
-    adapter = adapter_dir(run_dir)
-    if cfg.eval.push_to_hub.strip():
-        hub_token_for(cfg.eval.push_to_hub.strip())  # a missing token fails now, not after the merge
+    run_dir, adapter = stage.run_dir, adapter_dir(stage)
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
     metrics: dict[str, Any] = {
         "adapter": {"path": "adapter", "bytes": _dir_bytes(adapter), "base_model": adapter_cfg.get("base_model_name_or_path"),
                     "r": adapter_cfg.get("r"), "lora_alpha": adapter_cfg.get("lora_alpha"),
                     "target_modules": _names(adapter_cfg.get("target_modules"))},
-        "merged": None, "verification": None, "hub": None,
+        "merged": merged, "verification": verify_merged(stage) if merged else None, "hub": None,
     }
-    if cfg.eval.export_merged:
-        metrics["merged"] = merge_adapter(cfg, run_dir)
-        metrics["verification"] = verify_merged(cfg, run_dir)
     metrics["memory"] = memory_snapshot()
     write_json(run_dir / "export" / "metrics.json", metrics)  # kept even if the check or the push fails
     check = metrics["verification"]
@@ -271,7 +286,7 @@ def export_run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                              f"{check['max_abs_logit_diff']}, tolerance {check['tolerance']}; "
                              f"{len(check['differing_beyond_ties'])} answers differ beyond a near-tie): do not use "
                              f"{run_dir / MERGED_DIR}; details in {run_dir / 'export' / 'metrics.json'}")
-    metrics["hub"] = push_adapter(cfg, run_dir)
+    metrics["hub"] = push_adapter(stage)
     write_json(run_dir / "export" / "metrics.json", metrics)
     return metrics
 

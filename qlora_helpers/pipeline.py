@@ -1,13 +1,14 @@
 """Run the numbered notebooks in order with papermill, one fresh kernel each, into one run directory."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .config import Config
-from .runs import REPO_ROOT, _link_latest
+from .config import Config, UserError, build_config
+from .runs import REPO_ROOT, default_run_dir, link_latest
+from .sources import absolute_path, resolve_paths
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -21,7 +22,22 @@ def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
     return sorted(Path(directory).glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_pipeline(cfg: Config, overrides: dict[str, str], run_dir: str | Path, kernel: str = "python3",
+def resolve_run_request(profile: str, overrides: dict[str, Any], run_dir: str | Path | None,
+                        base: str | Path | None = None) -> tuple[Config, str, dict[str, Any], Path]:
+    """What a command line asked for, with every relative path made absolute against ``base`` (the directory
+    the command was typed in), as the notebooks will see it: (config, profile, overrides, run directory)."""
+    profile = absolute_path(profile, base) if profile.endswith((".yaml", ".yml")) else profile
+    cfg = build_config(profile, overrides)  # fail here, in a second, not inside a notebook
+    resolved = resolve_paths(cfg, base)
+    overrides = dict(overrides)
+    for key in ("data.source", "model.name"):
+        if resolved.flat()[key] != cfg.flat()[key]:
+            overrides[key] = resolved.flat()[key]
+    run = Path(base or ".").joinpath(Path(run_dir).expanduser()).resolve() if run_dir else default_run_dir()
+    return resolved, profile, overrides, run
+
+
+def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, kernel: str = "python3",
                  notebook_dir: str | Path | None = None) -> Path:
     """Execute each notebook; stop at the first failure, naming the notebook, cell and error.
     ``notebook_dir``: where the notebooks are when not in this checkout (a Kaggle dataset)."""
@@ -29,12 +45,10 @@ def run_pipeline(cfg: Config, overrides: dict[str, str], run_dir: str | Path, ke
     from papermill.exceptions import PapermillExecutionError
 
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _link_latest(run_dir)
-    (run_dir / "notebooks").mkdir(exist_ok=True)
-    # Explicit parameters win over the variables the test suite sets for nbmake.
-    for var in ("QLORA_PROFILE", "QLORA_RUN_DIR"):
-        os.environ.pop(var, None)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir}: exists and is not a folder")
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    link_latest(run_dir)
     params = {"PROFILE": cfg.profile, "OVERRIDES": dict(overrides), "RUN_DIR": str(run_dir)}
     notebook_dir = Path(notebook_dir or NOTEBOOK_DIR)
     for nb in notebooks(notebook_dir):
@@ -50,3 +64,40 @@ def run_pipeline(cfg: Config, overrides: dict[str, str], run_dir: str | Path, ke
                               f"{first[0] if first else ''} (executed notebook: {out})") from None
         print(f"[qlora] {nb.name} done in {time.time() - t0:.0f}s", flush=True)
     return run_dir
+
+
+# --------------------------------------------------------------------------- on Kaggle
+STAGE_NOTEBOOK = "01_data_preparation.ipynb"  # marks the folder that holds the numbered notebooks
+
+
+def stage_notebook_dir(root: Path | None = None) -> Path:
+    """The folder with the numbered stage notebooks: this checkout's notebooks/, else the helper dataset
+    attached under /kaggle/input (``make kaggle-dataset`` puts them there)."""
+    import os
+
+    from .places import kaggle_input
+
+    root = root or kaggle_input()
+    if (NOTEBOOK_DIR / STAGE_NOTEBOOK).exists():
+        return NOTEBOOK_DIR
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):
+            if STAGE_NOTEBOOK in filenames:
+                return Path(dirpath)
+            if len(Path(dirpath).relative_to(root).parts) >= 5:
+                dirnames.clear()
+    raise UserError(f"no {STAGE_NOTEBOOK} found here or under {root}: attach the helper dataset that "
+                    "`make kaggle-dataset` builds (README, 'On Kaggle')")
+
+
+def run_all_stages(profile: str, overrides: dict | str | None, run_dir: str = "") -> Path:
+    """What the Kaggle kernel's one code file does: every stage notebook in order, each in a fresh kernel,
+    into one run directory under /kaggle/working (papermill, exactly as ``python -m qlora_helpers run``)."""
+    import json
+
+    from .sources import check_sources
+
+    overrides = json.loads(overrides) if isinstance(overrides, str) and overrides.strip() else dict(overrides or {})
+    cfg, profile, overrides, run = resolve_run_request(profile, overrides, run_dir)
+    check_sources(cfg)
+    return run_pipeline(cfg, overrides, run, notebook_dir=stage_notebook_dir())

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .stage import Stage
 
 GIB = 2**30
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -173,7 +174,7 @@ def tokens_per_micro_batch(cfg: Config, lengths: dict[str, Any] | None = None) -
 def optimizer_bytes_per_param(cfg: Config, device: str) -> int:
     from .train import resolve_optim
 
-    name = resolve_optim(cfg, device)
+    name = resolve_optim(cfg.train.optim, device)
     if "8bit" in name:
         return OPTIMIZER_BYTES["8bit"]
     if name.startswith("sgd"):
@@ -188,7 +189,7 @@ def estimate_training_memory(cfg: Config, model_config: Any, hw: dict[str, Any],
                              lengths: dict[str, Any] | None = None) -> dict[str, Any]:
     """Peak training memory (GiB, as the allocator reserves it) for this config on this hardware, by part,
     and whether it fits the free memory ``hw['free_gib']`` (GPU) with a suggestion when it does not."""
-    from .model import choose_compute_dtype
+    from .hardware import choose_compute_dtype
 
     shape = model_shape(model_config)
     compute_dtype = choose_compute_dtype(cfg.quant.compute_dtype, hw)
@@ -271,15 +272,13 @@ def suggest_fit(cfg: Config, model_config: Any, hw: dict[str, Any], lengths: dic
 
 
 # --------------------------------------------------------------------------- what notebook 02 calls
-def preflight_report(cfg: Config, run_dir: str | Path | None = None, model_path: str | None = None,
-                     hw: dict[str, Any] | None = None) -> dict[str, Any]:
+def preflight_report(stage: Stage) -> dict[str, Any]:
     """Print the hardware, the chosen dtype and attention, and the memory estimate against the free
     memory, with a warning and a suggested setting when it will not fit; save it as model/preflight.json."""
-    from .model import choose_compute_dtype, hardware, load_model_config
+    from .model import load_model_config
     from .runs import read_json, write_json
 
-    hw = hw or hardware()
-    compute_dtype = choose_compute_dtype(cfg.quant.compute_dtype, hw)
+    cfg, hw, compute_dtype, run_dir = stage.cfg, stage.hw, stage.compute_dtype, stage.run_dir
     if hw["device"] == "cuda":
         print(f"GPU: {hw['name']}, compute capability {hw['capability']}, "
               f"{hw['free_gib']} of {hw['total_gib']} GiB free, bf16: {'yes' if hw['bf16'] else 'no'}")
@@ -292,7 +291,7 @@ def preflight_report(cfg: Config, run_dir: str | Path | None = None, model_path:
     print(f"compute dtype: {compute_dtype}{why}, attention: {cfg.model.attn_implementation}")
 
     lengths = read_json(Path(run_dir) / "data" / "metrics.json", {}).get("train_lengths") if run_dir else None
-    est = estimate_training_memory(cfg, load_model_config(cfg, model_path), hw, lengths)
+    est = estimate_training_memory(cfg, load_model_config(stage), hw, lengths)
     sh = est["shape"]
     print(f"model shape (config.json only): {sh['layers']} layers, hidden {sh['hidden']}, intermediate "
           f"{sh['intermediate']}, vocabulary {sh['vocab']}, {sh['heads']} heads ({sh['kv_heads']} key/value); "

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
-from .runs import environment, read_json, write_json
+from .data import plot_lengths
+from .evaluate import SIDE_BY_SIDE_LEGEND, marked, read_generations
+from .runs import environment, load_config, read_json, write_json, write_text
 from .train import read_metrics_log
 
 NM = "not measured"
@@ -22,18 +23,16 @@ def _max(*values):
 
 def plot_loss(run_dir: Path) -> dict[str, str]:
     """Training and validation loss on one figure: PNG (matplotlib) and interactive HTML (plotly)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import plotly.graph_objects as go
+    from matplotlib.figure import Figure
 
     log = read_metrics_log(run_dir)
     train = [(r["step"], r["loss"]) for r in log if r["kind"] == "train" and r.get("loss") is not None]
     val = [(r["step"], r["eval_loss"]) for r in log if r["kind"] == "eval"]
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="training loss")
     if val:
@@ -44,7 +43,6 @@ def plot_loss(run_dir: Path) -> dict[str, str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
     pfig = go.Figure()
     if train:
         pfig.add_scatter(x=[s for s, _ in train], y=[l for _, l in train], name="training loss")
@@ -53,31 +51,6 @@ def plot_loss(run_dir: Path) -> dict[str, str]:
     pfig.update_layout(xaxis_title="optimizer step", yaxis_title="loss")
     pfig.write_html(out / "loss.html", include_plotlyjs="cdn")
     return {"loss_plot": "report/loss.png", "loss_plot_html": "report/loss.html"}
-
-
-def plot_lengths(run_dir: Path) -> dict[str, str]:
-    """Histogram of training example lengths in tokens (to choose data.max_seq_len)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import plotly.graph_objects as go
-
-    from .data import load_split
-
-    lengths = [len(e["input_ids"]) for e in load_split(run_dir, "train")]
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(lengths, bins=40)
-    ax.set_xlabel("tokens per example")
-    ax.set_ylabel("examples")
-    fig.tight_layout()
-    fig.savefig(out / "lengths.png", dpi=120)
-    plt.close(fig)
-    go.Figure(go.Histogram(x=lengths, nbinsx=40)).update_layout(
-        xaxis_title="tokens per example", yaxis_title="examples").write_html(out / "lengths.html", include_plotlyjs="cdn")
-    return {"length_histogram": "report/lengths.png", "length_histogram_html": "report/lengths.html"}
 
 
 def build_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -271,8 +244,6 @@ def _model_section(model: dict[str, Any]) -> list[str]:
 
 
 def _answers_section(gens: list[dict[str, Any]], limit: int = 12) -> list[str]:
-    from .evaluate import SIDE_BY_SIDE_LEGEND, marked
-
     if not gens:
         return []
     short = lambda text, n: text if len(text) <= n else text[: n - 1] + "…"  # noqa: E731
@@ -284,8 +255,6 @@ def _answers_section(gens: list[dict[str, Any]], limit: int = 12) -> list[str]:
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """Write summary.json and report.md at the run directory's root; return the summary."""
-    from .evaluate import read_generations
-
     run_dir = Path(run_dir)
     s = build_summary(run_dir)
     write_json(run_dir / "summary.json", s)
@@ -303,5 +272,5 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
              json.dumps({k: v for k, v in train.items() if k != "memory"}, indent=1), "```", "",
              "## Appendix: config", "", "```json", json.dumps(read_json(run_dir / "config.json"), indent=1), "```", "",
              "## Appendix: environment", "", "```json", json.dumps(environment(), indent=1), "```", ""]
-    (run_dir / "report.md").write_text("\n".join(parts))
+    write_text(run_dir / "report.md", "\n".join(parts))
     return s

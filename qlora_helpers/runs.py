@@ -1,7 +1,8 @@
 """The run directory: where every stage writes what it made and the next stage reads it.
 
 Notebooks share nothing but this folder, so each one can run alone in a fresh kernel (as
-papermill and Kaggle run them). ``start_stage`` is the first call of every notebook.
+papermill and Kaggle run them). Files are written atomically (a temporary file renamed into
+place), so a kill mid-write leaves the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -9,80 +10,92 @@ import json
 import os
 import platform
 import resource
+import secrets
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, config_from_params, load_config
+from .config import Config, UserError, config_from_dict
+from .places import kaggle_working, on_kaggle
 
-ON_KAGGLE = bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILE = "config.json"
+
+
+class CorruptFile(UserError):
+    """A file the project wrote earlier cannot be read back (cut short by a kill or a full disk)."""
+
+
+# --------------------------------------------------------------------------- files
+def write_text(path: str | Path, text: str) -> None:
+    """Write atomically: a temporary file beside the target, flushed to disk, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write atomically, so a kill mid-write never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def read_json(path: str | Path, default: Any = None) -> Any:
+    """A JSON file the project wrote, or ``default`` when it does not exist; a corrupt one is a one-line error."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else default
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path}: cannot be read back ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                          "it was probably cut short by a kill or a full disk: delete it and run the stage "
+                          "that writes it again") from None
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> None:
+    write_json(Path(run_dir) / CONFIG_FILE, cfg.to_dict())
+
+
+def load_config(path: str | Path) -> Config:
+    """The resolved config a run directory recorded (``path`` is the run directory or its config.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    raw = read_json(path)
+    if raw is None:
+        raise UserError(f"{path}: no such file; run notebook 01 (or `python -m qlora_helpers run`) on this run directory first")
+    return config_from_dict(raw, path)
+
+
+# --------------------------------------------------------------------------- where runs live
+def runs_root() -> Path:
+    """runs/ beside this checkout; on Kaggle, /kaggle/working/runs."""
+    return kaggle_working() / "runs" if on_kaggle() else REPO_ROOT / "runs"
 
 
 def default_run_dir() -> Path:
-    base = Path("/kaggle/working/runs") if ON_KAGGLE else REPO_ROOT / "runs"
-    return base / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """A new folder under runs/: the time to the second and a random suffix, so two runs never share one."""
+    return runs_root() / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    """RUN_DIR from the parameters cell, else $QLORA_RUN_DIR, else runs/latest (made by the last run)."""
-    chosen = run_dir or os.environ.get("QLORA_RUN_DIR")
-    if chosen:
-        return Path(chosen).expanduser().resolve()
-    latest = (Path("/kaggle/working/runs") if ON_KAGGLE else REPO_ROOT / "runs") / "latest"
-    return latest.resolve() if latest.exists() else default_run_dir()
-
-
-def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None) -> tuple[Config, Path]:
-    """Build the validated config from a notebook's parameters cell and find the run directory.
-
-    The first stage of a run writes ``config.json``; later stages read the same values back from
-    their own parameters, so a notebook opened alone behaves exactly as in the pipeline.
-    ``QLORA_PROFILE`` (set by the test suite) replaces the parameters cell's profile.
-    """
-    from .kaggle import check_sources
-
-    profile = os.environ.get("QLORA_PROFILE") or profile
-    cfg = config_from_params(profile, overrides)
-    check_sources(cfg)  # no internet and nothing attached: stop here, saying what to do
-    path = resolve_run_dir(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    saved = path / "config.json"
-    if saved.exists():
-        previous = load_config(saved)
-        if previous.to_dict() != cfg.to_dict():
-            changed = [k for k, v in cfg.flat().items() if previous.flat().get(k) != v]
-            if any(not k.startswith(("train.max_", "eval.")) for k in changed):
-                raise ConfigError(f"run directory {path} was made with other settings ({', '.join(changed)}); "
-                                  "use a new RUN_DIR or the same profile and overrides")
-    cfg.save(saved)
-    _link_latest(path)
-    return cfg, path
-
-
-def _link_latest(path: Path) -> None:
+def link_latest(path: Path) -> None:
+    """runs/latest -> the newest run directory (only for folders directly under a folder named runs)."""
     latest = path.parent / "latest"
     if path.parent.name != "runs" or path.name == "latest":
         return
     try:
         if latest.is_symlink() or not latest.exists():
-            tmp = path.parent / ".latest.tmp"
+            tmp = path.parent / f".latest.{os.getpid()}.tmp"
             if tmp.is_symlink():
                 tmp.unlink()
             tmp.symlink_to(path.name)
@@ -91,6 +104,12 @@ def _link_latest(path: Path) -> None:
         pass
 
 
+def latest_run_dir() -> Path | None:
+    latest = runs_root() / "latest"
+    return latest.resolve() if latest.exists() else None
+
+
+# --------------------------------------------------------------------------- measurements
 def peak_rss_gib() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
@@ -127,7 +146,7 @@ def environment() -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[pkg] = None
     hw = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-          "gpu": None, "on_kaggle": ON_KAGGLE}
+          "gpu": None, "on_kaggle": on_kaggle()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         hw["gpu"] = f"{p.name} ({p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor})"

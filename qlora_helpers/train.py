@@ -1,128 +1,86 @@
-"""Stage 3: train the LoRA adapter with transformers' Trainer, resumably and observably.
+"""Stage 3: the pieces of transformers' Trainer for this config, built and checked here, so notebook 03 and
+the data-parallel command (qlora_helpers.distributed) train alike.
 
-Plain Trainer rather than TRL's SFTTrainer: stage 1 already produced input_ids and labels with
-the prompt masked, so all that is left is batching, and the Trainer's own checkpoint/resume is
-what makes a lost Kaggle session cost minutes instead of the run.
+Plain Trainer rather than TRL's SFTTrainer: stage 1 already produced input_ids and labels with the prompt
+masked, so what is left is batching (qlora_helpers.packing), and the Trainer's own checkpoint/resume is what
+makes a lost Kaggle session cost minutes instead of the run.
 """
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
-from .data import IGNORE_INDEX, load_split
-from .model import attach_lora, choose_compute_dtype, hardware, load_base_model, load_tokenizer, resolve_model_path
-from .runs import memory_snapshot, peak_rss_gib, peak_gpu_reserved_gib, read_json, write_json
+from .config import ConfigError, UserError
+from .data import load_split
+from .runs import memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, write_json
+from .stage import Stage
 
 
 class TrainingDiverged(RuntimeError):
     pass
 
 
-def to_dataset(examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
-    """What the Trainer needs of each example: a list is a map-style dataset already."""
-    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+# --------------------------------------------------------------------------- data and length
+def training_datasets(stage: Stage) -> tuple[list[dict], list[dict]]:
+    """(train, validation) as the Trainer wants them: a list of {input_ids, labels} is a map-style dataset."""
+    def strip(examples):
+        return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+
+    val = load_split(stage.run_dir, "val")
+    if stage.cfg.eval.max_val_examples:
+        val = val[: stage.cfg.eval.max_val_examples]
+    return strip(load_split(stage.run_dir, "train")), strip(val)
 
 
-class PackedRowsCollator:
-    """Padding-free packing into several rows of at most `row_tokens` tokens instead of one long row.
+def processes() -> int:
+    """How many data-parallel processes train (accelerate sets the world size for a launched run)."""
+    from accelerate import PartialState
 
-    Why: without flash-attention (a T4 has none, and sdpa is what runs there) the block-diagonal mask of a
-    packed row is dense, so attention costs grow with the square of the row's length: one row of a 64-example
-    micro-batch (~7,000 tokens) spends most of its time on masked-out blocks. Rows of ~1,000 tokens cut that
-    ~7x. Examples go into rows first-fit by decreasing length; each row ends in a padding segment with its own
-    position_ids (0, 1, ...) and no labels, so it is one more "example" that nothing attends to or from, and
-    padding never touches real tokens. The first label of every example is dropped, as in
-    DataCollatorWithFlattening: it would be predicted from the example before it.
-
-    Only for attention that reads packing from position_ids row by row (sdpa, eager; flex is refused for speed).
-    transformers' flash-attention path recognises packing only in a batch of one row, so there rows would attend
-    across examples; model.attn_implementation offers no flash choice, so that cannot happen here.
-    """
-
-    def __init__(self, row_tokens: int, pad_token_id: int):
-        self.row_tokens = row_tokens
-        self.pad_token_id = pad_token_id
-
-    def rows(self, lengths: list[int]) -> list[list[int]]:
-        """Indices of the examples in each row, first-fit decreasing (an example longer than a row gets its own)."""
-        rows: list[list[int]] = []
-        fill: list[int] = []
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            for r, used in enumerate(fill):
-                if used + lengths[i] <= self.row_tokens:
-                    rows[r].append(i)
-                    fill[r] += lengths[i]
-                    break
-            else:
-                rows.append([i])
-                fill.append(lengths[i])
-        return rows
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        lengths = [len(f["input_ids"]) for f in features]
-        rows = self.rows(lengths)
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        ids, labels, positions = [], [], []
-        for row in rows:
-            r_ids, r_labels, r_pos = [], [], []
-            for i in row:
-                r_ids += features[i]["input_ids"]
-                r_labels += [IGNORE_INDEX] + list(features[i]["labels"][1:])
-                r_pos += range(lengths[i])
-            pad = width - len(r_ids)
-            ids.append(r_ids + [self.pad_token_id] * pad)
-            labels.append(r_labels + [IGNORE_INDEX] * pad)
-            positions.append(r_pos + list(range(pad)))
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
+    return PartialState().num_processes
 
 
-def make_collator(cfg: Config, tokenizer):
-    """Padding-free packing by default: position_ids restart at each example and the attention (sdpa, flex,
-    eager in transformers 5) is masked block-diagonally, so no token sees another example. The whole
-    micro-batch is one row, or rows of train.packing_row_tokens. Padded batches are the fallback."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
-    if cfg.train.packing and cfg.train.packing_row_tokens:
-        return PackedRowsCollator(cfg.train.packing_row_tokens, tokenizer.pad_token_id)
-    if cfg.train.packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+def total_steps(stage: Stage, n_train: int, world: int | None = None) -> int:
+    """Optimizer steps for the whole run: train.max_steps if set, else train.epochs passes over the training
+    split, each step taking micro_batch_size x grad_accum examples on every one of `world` processes."""
+    t = stage.cfg.train
+    if t.max_steps:
+        return t.max_steps
+    per_step = t.micro_batch_size * t.grad_accum * (world or processes())
+    return max(1, math.ceil(t.epochs * n_train / per_step))
 
 
-def resolve_optim(cfg: Config, device: str) -> str:
-    if cfg.train.optim != "auto":
-        return cfg.train.optim
+def resolve_optim(optim: str, device: str) -> str:
+    """train.optim, where auto means paged 8-bit AdamW on a GPU (bitsandbytes) and plain AdamW on a CPU."""
+    if optim != "auto":
+        return optim
     return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
 
 
-def training_arguments(cfg: Config, run_dir: Path, compute_dtype: str, device: str):
+def training_arguments(stage: Stage, n_train: int, world: int | None = None):
     from transformers import TrainingArguments
 
-    t = cfg.train
+    t, device = stage.cfg.train, stage.hw["device"]
+    steps = total_steps(stage, n_train, world)
     return TrainingArguments(
-        output_dir=str(run_dir / "train" / "checkpoints"),
-        max_steps=t.max_steps,
+        output_dir=str(stage.path("train", "checkpoints")),
+        max_steps=steps,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
+        warmup_steps=math.ceil(t.warmup_ratio * steps),
         weight_decay=t.weight_decay,
-        optim=resolve_optim(cfg, device),
-        bf16=compute_dtype == "bfloat16",
-        fp16=compute_dtype == "float16",
+        optim=resolve_optim(t.optim, device),
+        bf16=stage.compute_dtype == "bfloat16",
+        fp16=stage.compute_dtype == "float16",
         gradient_checkpointing=t.gradient_checkpointing,
-        use_liger_kernel=t.use_liger,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        use_liger_kernel=t.use_liger,
         # Under DDP every LoRA weight gets a gradient at every step and the frozen base needs none, so there is
         # nothing for DDP's per-step search for unused parameters to find; the Trainer would turn it on because
         # a PeftModel is not a PreTrainedModel.
@@ -147,46 +105,56 @@ def training_arguments(cfg: Config, run_dir: Path, compute_dtype: str, device: s
     )
 
 
-def metrics_callback(cfg: Config, run_dir: Path):
-    """Appends one JSON line per log event to run_dir/train/metrics.jsonl; a resumed run first drops the
-    lines past the checkpoint it resumes from, so every step appears exactly once."""
+def check_liger(stage: Stage) -> None:
+    """Liger's kernels are Triton kernels: CUDA only, and a separate package."""
+    import importlib.util
+
+    if not stage.cfg.train.use_liger:
+        return
+    if stage.hw["device"] != "cuda":
+        raise ConfigError("train.use_liger=true needs a CUDA GPU (Liger's kernels are Triton kernels); "
+                          "set train.use_liger=false on this machine")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.use_liger=true needs the liger-kernel package: pip install --no-deps liger-kernel==0.8.5")
+
+
+# --------------------------------------------------------------------------- callbacks
+def metrics_callback(stage: Stage):
+    """Appends one JSON line per log event to RUN_DIR/train/metrics.jsonl; a resumed run first drops the
+    lines past the checkpoint it resumes from, so every step appears exactly once. Stops on a NaN loss."""
     from transformers import TrainerCallback
 
-    path = run_dir / "train" / "metrics.jsonl"
-    examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    path = stage.path("train", "metrics.jsonl")
+    cfg = stage.cfg
 
     class MetricsJsonl(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time()
             self.elapsed_before = 0.0
+            self.tokens_at_start = state.num_input_tokens_seen
             self.last = (time.time(), state.num_input_tokens_seen)
             if args.process_index != 0:  # under DDP the file is the main process's alone
                 return
             kept = []
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:  # the line a kill cut short
-                        continue
-                    if rec["step"] <= state.global_step:
-                        kept.append(line)
-                        self.elapsed_before = max(self.elapsed_before, rec.get("elapsed_s", 0.0))
+            for rec in read_metrics_log(stage.run_dir):
+                if rec["step"] <= state.global_step:
+                    kept.append(json.dumps(rec))
+                    self.elapsed_before = max(self.elapsed_before, rec.get("elapsed_s") or 0.0)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(l + "\n" for l in kept))
+            path.write_text("".join(line + "\n" for line in kept))
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
             if "train_loss" in logs:  # the end-of-training summary, not a step
                 return
             now, tokens = time.time(), state.num_input_tokens_seen
-            is_eval = "eval_loss" in logs
-            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "kind": "eval" if is_eval else "train"}
-            if is_eval:
-                rec.update(eval_loss=logs["eval_loss"])
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            if "eval_loss" in logs:
+                rec.update(kind="eval", eval_loss=logs["eval_loss"])
             else:
                 dt = now - self.last[0]
-                rec.update(loss=logs.get("loss"), learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                rec.update(kind="train", loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
+                           grad_norm=logs.get("grad_norm"),
                            tokens_per_s=round((tokens - self.last[1]) / dt, 1) if dt > 0 else None)
                 self.last = (now, tokens)
                 loss = logs.get("loss")
@@ -195,7 +163,8 @@ def metrics_callback(cfg: Config, run_dir: Path):
                         f"training loss became {loss} at step {state.global_step}: likely fp16 overflow "
                         "(try quant.compute_dtype=bfloat16 on a GPU that has it) or a learning rate too high "
                         f"(train.learning_rate={cfg.train.learning_rate}); the last good checkpoint is kept")
-            rec.update(tokens_seen=tokens, examples_seen=state.global_step * examples_per_step * max(1, args.world_size),
+            per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * max(1, args.world_size)
+            rec.update(tokens_seen=tokens, examples_seen=state.global_step * per_step,
                        peak_gpu_reserved_gib=peak_gpu_reserved_gib(), peak_rss_gib=peak_rss_gib(),
                        elapsed_s=round(self.elapsed_before + now - self.t0, 2))
             if args.process_index == 0:
@@ -205,24 +174,13 @@ def metrics_callback(cfg: Config, run_dir: Path):
     return MetricsJsonl()
 
 
-def _on_any_process(flag: bool) -> bool:
-    """`flag` or-ed over every data-parallel process: under DDP all processes must stop at the same step,
-    or the ones still going wait forever for the others in the next gradient all-reduce."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    from accelerate import PartialState
-
-    votes = torch.tensor([int(flag)], device=PartialState().device)
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-    return bool(votes.item())
-
-
-def time_budget_callback(max_minutes: float):
-    """Stops cleanly, with a checkpoint, before the session's time runs out."""
+def time_budget_callback(stage: Stage):
+    """Stops cleanly, with a checkpoint, before the session's time runs out (train.max_minutes). Under DDP
+    every process must stop at the same step, or the others wait forever in the next all-reduce: the
+    decision goes through the Trainer's accelerator (set_trigger / check_trigger)."""
     from transformers import TrainerCallback
+
+    max_minutes = stage.cfg.train.max_minutes
 
     class TimeBudget(TrainerCallback):
         stopped = False
@@ -231,20 +189,18 @@ def time_budget_callback(max_minutes: float):
             self.deadline = time.time() + max_minutes * 60
 
         def on_step_end(self, args, state, control, **kw):
-            if max_minutes and _on_any_process(time.time() >= self.deadline):
+            if not max_minutes:
+                return
+            accelerator = getattr(self, "accelerator", None)
+            if time.time() >= self.deadline and accelerator is not None:
+                accelerator.set_trigger()
+            due = accelerator.check_trigger() if accelerator is not None else time.time() >= self.deadline
+            if due:
                 control.should_save = True
                 control.should_training_stop = True
-                TimeBudget.stopped = True
+                self.stopped = True
 
     return TimeBudget()
-
-
-def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint that was written completely. The Trainer writes trainer_state.json last,
-    so a checkpoint a kill interrupted (no trainer_state.json) is skipped, not resumed from."""
-    ckpt_dir = run_dir / "train" / "checkpoints"
-    complete = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if ckpt_dir.exists() else []
-    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if complete else None
 
 
 def live_plot_callback():
@@ -260,16 +216,17 @@ def live_plot_callback():
             self.handle = display("training: the loss plot appears at the first log step", display_id=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
 
             logs = logs or {}
             if "loss" in logs and "train_loss" not in logs:
                 self.train.append((state.global_step, logs["loss"]))
             if "eval_loss" in logs:
                 self.val.append((state.global_step, logs["eval_loss"]))
-            if not self.train or not args.process_index == 0:
+            if not self.train or args.process_index != 0:
                 return
-            fig, ax = plt.subplots(figsize=(6, 3))
+            fig = Figure(figsize=(6, 3))
+            ax = fig.subplots()
             ax.plot(*zip(*self.train), label="training loss")
             if self.val:
                 ax.plot(*zip(*self.val), "o-", label="validation loss")
@@ -277,7 +234,6 @@ def live_plot_callback():
             ax.set_xlim(0, state.max_steps)
             ax.legend()
             self.handle.update(fig)
-            plt.close(fig)
 
     return LivePlot()
 
@@ -291,164 +247,150 @@ def in_notebook() -> bool:
         return False
 
 
-def check_liger(cfg: Config, device: str) -> None:
-    """Liger's kernels are Triton kernels: CUDA only, and a separate package."""
-    import importlib.util
+def training_callbacks(stage: Stage) -> list:
+    """metrics.jsonl (and the NaN guard), the time budget, and in a notebook a live loss plot."""
+    return [metrics_callback(stage), time_budget_callback(stage)] + ([live_plot_callback()] if in_notebook() else [])
 
-    from .config import ConfigError
 
-    if not cfg.train.use_liger:
+# --------------------------------------------------------------------------- resuming
+def resume_checkpoint(stage: Stage) -> str | None:
+    """The newest checkpoint that was written completely. transformers' get_last_checkpoint returns the newest
+    checkpoint-N folder whatever it holds; the Trainer writes trainer_state.json last, so a folder without it
+    is one a kill interrupted, and the one before it is taken instead."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = stage.path("train", "checkpoints")
+    found = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.rsplit("-", 1)[-1].isdigit()] if folder.is_dir() else []
+    for checkpoint in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
+        if (checkpoint / "trainer_state.json").is_file():
+            return str(checkpoint)
+    return None
+
+
+def _cpu_storages_load_on_cpu() -> None:
+    """accelerate names the device of every process of a multi-process CPU run "cpu:0", and the Trainer resumes a
+    data-parallel run with torch.load(map_location=args.device), which torch cannot map to "cpu:0". This teaches
+    torch.load (public torch.serialization.register_package) to keep such storages on the CPU; nothing else changes."""
+    import torch
+
+    global _CPU_N_REGISTERED
+    if _CPU_N_REGISTERED:
         return
-    if device != "cuda":
-        raise ConfigError("train.use_liger=true needs a CUDA GPU (Liger's kernels are Triton kernels); "
-                          "set train.use_liger=false on this machine")
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("train.use_liger=true needs the liger-kernel package: pip install --no-deps liger-kernel==0.8.5")
+
+    def restore(obj, location):
+        return obj if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(9, lambda obj: None, restore)
+    _CPU_N_REGISTERED = True
 
 
-def build_trainer(cfg: Config, run_dir: str | Path, model, tokenizer):
-    """The Trainer for this config, on the datasets stage 1 wrote."""
+_CPU_N_REGISTERED = False
+
+
+def checkpoint_step(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+# --------------------------------------------------------------------------- the stage
+def build_trainer(stage: Stage, model, tokenizer):
+    """The Trainer notebook 03 builds, for the command line: the same arguments, collator and callbacks."""
     from transformers import Trainer
 
-    run_dir = Path(run_dir)
-    hw = hardware()
-    compute_dtype = choose_compute_dtype(cfg.quant.compute_dtype, hw)
-    check_liger(cfg, hw["device"])
-    train_ds = to_dataset(load_split(run_dir, "train"))
-    val = load_split(run_dir, "val")
-    if cfg.eval.max_val_examples:
-        val = val[: cfg.eval.max_val_examples]
-    budget = time_budget_callback(cfg.train.max_minutes)
-    callbacks = [metrics_callback(cfg, run_dir), budget] + ([live_plot_callback()] if in_notebook() else [])
+    from .packing import make_collator
+
+    check_liger(stage)
+    _cpu_storages_load_on_cpu()
+    train_ds, val_ds = training_datasets(stage)
     # transformers recognises packed rows (and masks attention between examples) only when no KV cache is
     # built; with use_cache on, an eval-mode forward would silently attend across examples.
     model.config.use_cache = False
-    trainer = Trainer(model=model, args=training_arguments(cfg, run_dir, compute_dtype, hw["device"]),
-                      train_dataset=train_ds, eval_dataset=to_dataset(val),
-                      data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
-                      callbacks=callbacks)
-    trainer.time_budget = budget
-    _checkpoints_loadable_on_cpu(trainer.args)
+    trainer = Trainer(model=model, args=training_arguments(stage, len(train_ds)), train_dataset=train_ds,
+                      eval_dataset=val_ds, data_collator=make_collator(stage, tokenizer), processing_class=tokenizer,
+                      callbacks=training_callbacks(stage))
+    connect_callbacks(trainer)
     return trainer
 
 
-def _checkpoints_loadable_on_cpu(args) -> None:
-    """accelerate names the device of a multi-process CPU run "cpu:0", and the Trainer resumes a data-parallel
-    run with torch.load(map_location=args.device), which cannot map to "cpu:0"; plain "cpu" is the same device.
-    (On GPUs the device is cuda:N and nothing changes.)"""
+def connect_callbacks(trainer) -> None:
+    """Give the time budget the Trainer's accelerator, so all processes agree on when to stop."""
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TimeBudget":
+            cb.accelerator = trainer.accelerator
+
+
+@contextmanager
+def out_of_memory_advice(stage: Stage):
+    """An out-of-memory error during training becomes one line saying which settings to lower."""
     import torch
 
-    if args.device == torch.device("cpu", 0):
-        args.__dict__["_setup_devices"] = torch.device("cpu")  # the cached value behind args.device
-
-
-def train(cfg: Config, run_dir: str | Path, trainer) -> dict[str, Any]:
-    """Train (resuming from the latest checkpoint if there is one), save the best adapter, write metrics."""
-    import torch
-
-    run_dir = Path(run_dir)
-    resume = last_checkpoint(run_dir)
-    resumed_from = int(resume.rsplit("-", 1)[-1]) if resume else None
-    t0 = time.time()
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        yield
     except torch.OutOfMemoryError:
-        mem = memory_snapshot()
-        raise RuntimeError(
-            f"out of GPU memory during training (peak reserved {mem['peak_gpu_reserved_gib']} GiB): lower "
-            f"train.micro_batch_size (now {cfg.train.micro_batch_size}) and raise train.grad_accum, lower "
-            f"data.max_seq_len (now {cfg.data.max_seq_len}), or set train.gradient_checkpointing=true") from None
-    wall = time.time() - t0
-    adapter_dir = run_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # the best adapter by eval_loss (load_best_model_at_end)
-    state = trainer.state
+        t = stage.cfg.train
+        raise UserError(
+            f"out of GPU memory during training (peak reserved {memory_snapshot()['peak_gpu_reserved_gib']} GiB): lower "
+            f"train.micro_batch_size (now {t.micro_batch_size}) and raise train.grad_accum, lower "
+            f"data.max_seq_len (now {stage.cfg.data.max_seq_len}), or set train.gradient_checkpointing=true; "
+            "running again resumes from the last checkpoint") from None
+
+
+def train(stage: Stage, trainer) -> dict[str, Any]:
+    """Train (resuming from the newest complete checkpoint), save the best adapter, write metrics."""
+    resume_from = resume_checkpoint(stage)
+    with out_of_memory_advice(stage):
+        trainer.train(resume_from_checkpoint=resume_from)
+    return save_training(stage, trainer, resume_from)
+
+
+def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, Any]:
+    """After trainer.train(): the best adapter (by validation loss) to RUN_DIR/adapter, and train/metrics.json
+    with whole-run numbers (steps, examples and tokens seen, wall time over every session)."""
+    trainer.save_model(str(stage.path("adapter")))
+    state, args = trainer.state, trainer.args
+    log = read_metrics_log(stage.run_dir)
+    losses = [r["loss"] for r in log if r["kind"] == "train" and r.get("loss") is not None]
+    wall = max((r.get("elapsed_s") or 0.0 for r in log), default=0.0)
+    session = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "MetricsJsonl"), None)
+    session_s = time.time() - session.t0 if session else None
+    session_tokens = state.num_input_tokens_seen - (session.tokens_at_start if session else 0)
+    budget = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "TimeBudget"), None)
     n_train = len(trainer.train_dataset)
-    examples_seen = state.global_step * cfg.train.micro_batch_size * cfg.train.grad_accum * max(1, trainer.args.world_size)
+    examples_seen = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     metrics = {
         "steps": state.global_step,
-        "max_steps": cfg.train.max_steps,
-        "resumed_from_step": resumed_from,
-        "stopped_by_time_budget": bool(getattr(trainer.time_budget, "stopped", False)),
+        "max_steps": args.max_steps,
+        "processes": args.world_size,
+        "resumed_from_step": checkpoint_step(resume_from),
+        "stopped_by_time_budget": bool(budget and budget.stopped),
         "examples_seen": examples_seen,
         "epochs": round(examples_seen / max(1, n_train), 4),
         "tokens_seen": int(state.num_input_tokens_seen),
         "wall_s": round(wall, 2),
-        "tokens_per_s": round((state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen) / wall, 1) if wall else None,
-        "train_loss": round(result.training_loss, 4),
+        "tokens_per_s": round(session_tokens / session_s, 1) if session_s else None,
+        "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
         "best_eval_loss": state.best_metric,
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
-        "packing": cfg.train.packing,
-        "optim": trainer.args.optim.value if hasattr(trainer.args.optim, "value") else str(trainer.args.optim),
-        "compute_dtype": choose_compute_dtype(cfg.quant.compute_dtype, hardware()),
+        "packing": stage.cfg.train.packing,
+        "optim": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
+        "compute_dtype": stage.compute_dtype,
         "memory": memory_snapshot(),
     }
     if trainer.is_world_process_zero():  # the adapter and checkpoints are saved by the main process only, too
-        write_json(run_dir / "train" / "metrics.json", metrics)
+        write_json(stage.path("train", "metrics.json"), metrics)
     return metrics
 
 
-def train_stage(run_dir: str | Path) -> dict[str, Any]:
-    """Stage 3 on a run directory that notebooks 01 and 02 made, outside a notebook: what
-    ``python -m qlora_helpers train`` runs in each process under ``accelerate launch``. Every process loads
-    its own quantized copy onto its own GPU; the Trainer wraps it in DDP and splits the batches."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists() or not (run_dir / "data" / "train.jsonl").exists():
-        raise ConfigError(f"--run-dir {run_dir}: no config.json or data/train.jsonl there; run notebooks 01 and 02 "
-                          "on it first (or python -m qlora_helpers run)")
-    cfg = load_config(config_path)
-    model_path, _ = resolve_model_path(cfg)
-    tokenizer = load_tokenizer(cfg, model_path)
-    model = attach_lora(cfg, load_base_model(cfg, model_path))
-    return train(cfg, run_dir, build_trainer(cfg, run_dir, model, tokenizer))
-
-
-def data_parallel_processes(cfg: Config) -> int:
-    """How many processes train: train.num_processes GPUs (0 = every visible one), or 1 without two GPUs."""
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    wanted = cfg.train.num_processes
-    if wanted > max(gpus, 1):
-        raise ConfigError(f"config key 'train.num_processes': {wanted} processes, but this machine has {gpus} GPUs "
-                          "(one process per GPU); set 0 for all of them or 1")
-    return wanted or max(gpus, 1)
-
-
-def launch_command(run_dir: str | Path, num_processes: int) -> list[str]:
-    """``accelerate launch`` of the train stage, one process per GPU. Every launcher setting is given, so no
-    ``accelerate config`` file is needed and none found on the machine changes what runs; port 0 picks a free
-    one. Mixed precision is the Trainer's own (fp16/bf16 from the config), not the launcher's."""
-    multi = ["--multi_gpu", "--main_process_port", "0"] if num_processes > 1 else []
-    return [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "qlora_helpers", "train", "--run-dir", str(run_dir)]
-
-
-class LaunchFailed(RuntimeError):
-    pass
-
-
-def train_data_parallel(run_dir: str | Path, num_processes: int) -> dict[str, Any]:
-    """Train on `num_processes` GPUs from a notebook: a kernel is one process, so the stage runs under
-    accelerate launch, its output shown here as it comes; returns the metrics its main process wrote."""
-    run_dir = Path(run_dir)
-    cmd = launch_command(run_dir, num_processes)
-    print("[qlora] " + " ".join(cmd[1:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    try:
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-    except BaseException:  # an interrupted kernel must not leave the GPUs training behind it
-        proc.terminate()
-        proc.wait()
-        raise
-    if proc.wait():
-        raise LaunchFailed(f"data-parallel training on {num_processes} GPUs exited with status {proc.returncode} "
-                           "(its output is above); running this again resumes from the last checkpoint")
-    return read_json(run_dir / "train" / "metrics.json")
-
-
 def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """train/metrics.jsonl; a last line that a kill cut short is skipped."""
     path = Path(run_dir) / "train" / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_train_metrics(run_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / "train" / "metrics.json", {})

@@ -11,17 +11,23 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_small.json"
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The embedded model's tokenizer (SmolLM2, ChatML template), converted once and cached."""
-    from qlora_helpers import build_config
-    from qlora_helpers.model import load_tokenizer
+    from qlora_helpers import Stage, build_config
+    from qlora_helpers.data import load_tokenizer
 
-    return load_tokenizer(build_config("test"))
+    return load_tokenizer(Stage(build_config("test")))
 
 
-def run_cli(*args, timeout=900, env=None):
+def run_cli(*args, timeout=900, env=None, cwd=None):
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
-    for var in ("QLORA_PROFILE", "QLORA_RUN_DIR"):
-        full_env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "qlora_helpers", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=full_env)
+                          timeout=timeout, cwd=cwd or REPO, env=full_env)
+
+
+def stage_for(tmp_path, profile="test", overrides=None):
+    """A Stage on a fresh run directory (what start_stage gives a notebook), for tests that call helpers."""
+    from qlora_helpers import Stage, build_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return Stage(build_config(profile, overrides or {}), tmp_path)

@@ -1,13 +1,14 @@
-"""`check-data` and the strict checks on a person's own data files (qlora_helpers.data.check_source)."""
+"""`check-data` and the strict checks on a person's own data files (qlora_helpers.datafiles.check_source)."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from qlora_helpers import build_config
 from qlora_helpers.__main__ import main
-from qlora_helpers.data import DataError, check_source, prepare_data
+from qlora_helpers import Stage
+from qlora_helpers.data import prepare_data
+from qlora_helpers.datafiles import DataError, check_source
 
 from conftest import REPO, SHARED_DATA, run_cli
 
@@ -162,7 +163,7 @@ def test_hub_and_embedded_sources_count_instead_of_failing(smol_tokenizer, tmp_p
     # Only a person's own file is validated strictly; the generated set goes through unchanged.
     source = check_source(build_config("test"))
     assert source.format == "alpaca" and len(source.rows) == 200
-    m = prepare_data(build_config("test"), tmp_path, smol_tokenizer, source)
+    m = prepare_data(Stage(build_config("test"), tmp_path), smol_tokenizer, source)
     assert m["rows_read"] == 200 and set(m["dropped_by_reason"]) == {
         "missing_field", "not_a_string", "bad_messages", "empty_response", "duplicate", "too_long"}
     saved = json.loads((tmp_path / "data" / "metrics.json").read_text())

@@ -2,15 +2,16 @@ import json
 
 import pytest
 
-from qlora_helpers.config import PROFILES, ConfigError, build_config, load_config
+from qlora_helpers.config import ConfigError, build_config, profile_names
+from qlora_helpers.runs import load_config, save_config
 
 from conftest import REPO, run_cli
 
 
-@pytest.mark.parametrize("profile", list(PROFILES))
+@pytest.mark.parametrize("profile", profile_names())
 def test_every_profile_builds_and_round_trips(profile, tmp_path):
     cfg = build_config(profile)
-    cfg.save(tmp_path / "config.json")
+    save_config(cfg, tmp_path)
     assert load_config(tmp_path / "config.json") == cfg
 
 
@@ -40,8 +41,8 @@ def test_the_seed_recipe_profile_is_the_seed_report_with_corrected_targets():
 # The GPU benchmark's committed run (issue 9): each speed profile must be exactly the recipe measured there.
 BENCH = REPO / "benchmarks" / "results" / "gpu_bench-h200-2026-11-29b.json"
 # Keys the benchmark set for its own timing (steps, logging, evaluation, checkpoints), not the recipe.
-BENCH_ONLY = ("train.max_steps", "train.logging_steps", "train.eval_steps", "train.save_steps", "train.max_minutes",
-              "train.seed")
+BENCH_ONLY = ("train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
+              "train.max_minutes", "train.seed")
 
 
 @pytest.mark.parametrize("profile, recipe", [("kaggle-t4", "t4-b64-rows1024"), ("gpu-fast", "fast-bf16"),
@@ -49,7 +50,7 @@ BENCH_ONLY = ("train.max_steps", "train.logging_steps", "train.eval_steps", "tra
 def test_speed_profiles_are_the_recipes_the_gpu_benchmark_measured(profile, recipe):
     measured = {r["recipe"]: r for r in json.loads(BENCH.read_text())["recipes"]}[recipe]
     flat = build_config(profile).flat()
-    differ = {k: (flat[k], v) for k, v in measured["config"].items() if k not in BENCH_ONLY and flat[k] != v}
+    differ = {k: (flat.get(k), v) for k, v in measured["config"].items() if k not in BENCH_ONLY and flat.get(k) != v}
     assert not differ, f"{profile} differs from the measured {recipe} (profile, measured): {differ}"
 
 
@@ -66,6 +67,15 @@ def test_row_packing_with_flex_attention_is_refused():
     ("quant.mode=nf3", "config key 'quant.mode': 'nf3' is not one of"),
     ("lora.r=0", "config key 'lora.r': must be > 0"),
     ("noequals", "expected key=value"),
+    ("train.learning_rate=nan", "config key 'train.learning_rate': must be a finite number"),
+    ("train.weight_decay=nan", "config key 'train.weight_decay': must be a finite number"),
+    ("train.max_minutes=inf", "config key 'train.max_minutes': must be a finite number"),
+    ("train.warmup_ratio=5", "config key 'train.warmup_ratio': must be < 1"),
+    ("train.optim=adamx", "config key 'train.optim': 'adamx' is not an optimizer transformers knows"),
+    ("train.seed=-1", "config key 'train.seed': must be >= 0"),
+    ("eval.num_prompts=0", "config key 'eval.num_prompts': must be > 0"),
+    ("lora.target_modules=,", "config key 'lora.target_modules': no names in it"),
+    ("data.source=", "config key 'data.source': must not be empty"),
 ])
 def test_bad_override_is_an_error_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -99,11 +109,46 @@ def test_profiles_command_lists_every_key():
         assert key in proc.stdout
 
 
-def test_readme_keys_table_is_the_generated_one():
-    from conftest import REPO
+def test_the_documented_keys_table_is_the_generated_one():
     from qlora_helpers.config import keys_table
 
-    readme = (REPO / "README.md").read_text()
-    assert keys_table() in readme, "README.md's keys table is stale: paste `python -m qlora_helpers profiles --markdown`"
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    assert keys_table() in doc, "docs/configuration.md's keys table is stale: paste `python -m qlora_helpers profiles --markdown`"
     for key in build_config("embedded").flat():
-        assert key == "profile" or f"`{key}`" in readme
+        assert key == "profile" or f"`{key}`" in doc
+
+
+def test_a_copied_recipe_file_runs_with_overrides_on_top(tmp_path):
+    from qlora_helpers.config import RECIPE_DIR
+
+    mine = tmp_path / "my.yaml"
+    mine.write_text((RECIPE_DIR / "kaggle-t4.yaml").read_text().replace("r: 32", "r: 8"))
+    cfg = build_config(str(mine), ["lora.alpha=16"])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.model.name) == (8, 16, "microsoft/Phi-3-mini-4k-instruct")
+    assert cfg.profile == str(mine)
+    based = tmp_path / "based.yaml"
+    based.write_text("base: gpu-fast\ntrain:\n  epochs: 2\n")
+    assert build_config(str(based)).train.epochs == 2 and build_config(str(based)).quant.compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("lora:\n  rank: 8\n", "unknown config key 'lora.rank' in"),
+    ("lora:\n  r: eight\n", "config key 'lora.r' in"),
+    ("loras:\n  r: 8\n", "unknown section 'loras'"),
+    ("lora: [1, 2\n", "not valid YAML"),
+    ("- just a list\n", "a recipe is a mapping"),
+    ("base: no-such-profile\n", "unknown profile 'no-such-profile'"),
+])
+def test_a_bad_recipe_file_is_one_line_naming_the_file_and_key(tmp_path, text, fragment):
+    mine = tmp_path / "my.yaml"
+    mine.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        build_config(str(mine))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_cli_takes_a_recipe_file(tmp_path):
+    mine = tmp_path / "my.yaml"
+    mine.write_text("base: test\nlora:\n  r: zero\n")
+    proc = run_cli("run", "--config", str(mine), "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert proc.returncode == 2 and "config key 'lora.r' in" in proc.stderr and str(mine) in proc.stderr

@@ -1,10 +1,12 @@
-import json
 
 import pytest
 
 from qlora_helpers import build_config
-from qlora_helpers.data import (IGNORE_INDEX, Formatter, clean_and_tokenize, generate_embedded, keep_pad_off_end_token,
-                                load_raw, prepare_data, split_examples, load_split, to_turns)
+from qlora_helpers import Stage
+from qlora_helpers.data import (IGNORE_INDEX, Formatter, clean_and_tokenize, keep_pad_off_end_token, prepare_data,
+                                split_examples, load_split)
+from qlora_helpers.datafiles import to_turns
+from qlora_helpers.sources import generate_embedded
 
 from conftest import SHARED_DATA
 
@@ -151,7 +153,7 @@ def test_prepare_data_on_the_real_alpaca_sample(smol_tokenizer, tmp_path):
         pytest.skip("../shared/data/alpaca_small.json is not beside this checkout")
     cfg = build_config("test", {"data.source": str(SHARED_DATA), "data.max_seq_len": 256,
                                 "data.train_size": 300, "data.val_size": 50})
-    m = prepare_data(cfg, tmp_path, smol_tokenizer)
+    m = prepare_data(Stage(cfg, tmp_path), smol_tokenizer)
     assert m["rows_read"] == 2000 and m["format"] == "alpaca"
     assert m["rows_kept"] + m["rows_dropped"] == 2000 and m["train_examples"] == 300 and m["val_examples"] == 50
     train = load_split(tmp_path, "train")

@@ -9,9 +9,10 @@ import subprocess
 
 import pytest
 
-from qlora_helpers import build_config
+from qlora_helpers import Stage, build_config
 from qlora_helpers.config import ConfigError
-from qlora_helpers.train import data_parallel_processes, launch_command, train_data_parallel
+from qlora_helpers.distributed import data_parallel_processes, launch_command, train_data_parallel
+from qlora_helpers.runs import save_config
 
 from conftest import REPO
 
@@ -51,7 +52,7 @@ def _run_dir(tmp_path, model_folder, max_steps=STEPS, **overrides):
     cfg = build_config("test", {"model.name": str(model_folder), "train.max_steps": max_steps,
                                 "train.micro_batch_size": MICRO_BATCH, "train.eval_steps": 2, "train.save_steps": 2,
                                 "eval.max_val_examples": 8, **overrides})
-    cfg.save(tmp_path / "config.json")
+    save_config(cfg, tmp_path)
     rng = random.Random(0)
     for split, n in (("train", 32), ("val", 8)):
         path = tmp_path / "data" / f"{split}.jsonl"
@@ -61,8 +62,7 @@ def _run_dir(tmp_path, model_folder, max_steps=STEPS, **overrides):
 
 
 def _launch(run_dir, num_processes, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k not in ("QLORA_PROFILE", "QLORA_RUN_DIR")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(launch_command(run_dir, num_processes), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -106,7 +106,7 @@ def test_the_time_budget_stops_both_processes_at_the_same_step(tmp_path, tiny_ll
     """One process stopping alone would leave the other waiting forever in the next all-reduce. Launched the way
     notebook 03 does on several GPUs, with the launcher's output shown as it comes."""
     _run_dir(tmp_path, tiny_llama, max_steps=50, **{"train.max_minutes": 0.0001})
-    metrics = train_data_parallel(tmp_path, 2)
+    metrics = train_data_parallel(Stage(build_config("test"), tmp_path), 2)
     assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
     assert capsys.readouterr().out.count("[qlora] training finished") == 1
     assert (tmp_path / "train" / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists()
@@ -122,22 +122,22 @@ def test_one_process_through_the_same_launcher(tmp_path, tiny_llama):
 
 
 def test_without_two_gpus_training_stays_in_one_process():
-    assert data_parallel_processes(build_config("test")) == 1
+    assert data_parallel_processes(Stage(build_config("test"))) == 1
     with pytest.raises(ConfigError, match=r"train.num_processes': 2 processes, but this machine has 0 GPUs"):
-        data_parallel_processes(build_config("test", {"train.num_processes": 2}))
+        data_parallel_processes(Stage(build_config("test", {"train.num_processes": 2})))
     with pytest.raises(ConfigError, match="must be >= 0"):
         build_config("test", {"train.num_processes": -1})
     assert "--multi_gpu" in launch_command("run", 2) and "--multi_gpu" not in launch_command("run", 1)
 
 
 def test_each_process_loads_onto_its_own_gpu(monkeypatch):
-    from qlora_helpers.model import default_device, local_process_index
+    from qlora_helpers.hardware import device_of, local_process_index
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert local_process_index() == 0 and default_device({"device": "cuda"}) == "cuda:0"
+    assert local_process_index() == 0 and device_of({"device": "cuda"}) == "cuda:0"
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert local_process_index() == 1 and default_device({"device": "cuda"}) == "cuda:1"
-    assert default_device({"device": "cpu"}) == "cpu"
+    assert local_process_index() == 1 and device_of({"device": "cuda"}) == "cuda:1"
+    assert device_of({"device": "cpu"}) == "cpu"
 
 
 def test_train_on_a_directory_without_data_is_one_line(tmp_path, capsys):

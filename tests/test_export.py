@@ -6,8 +6,11 @@ import sys
 
 import pytest
 
-from qlora_helpers import build_config
+from qlora_helpers import Stage, build_config
 from qlora_helpers.config import ConfigError
+from qlora_helpers.data import load_tokenizer
+from qlora_helpers.runs import save_config
+from qlora_helpers.sources import embedded_model_dir
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890abcdef"
 
@@ -17,18 +20,18 @@ def exported_run(tmp_path_factory):
     """One tiny QLoRA run through the helpers (data, 2 training steps on the NF4 base, export), made once."""
     from qlora_helpers.data import prepare_data
     from qlora_helpers.export import export_run
-    from qlora_helpers.model import attach_lora, load_base_model, load_tokenizer
+    from qlora_helpers.model import attach_lora, load_base_model
     from qlora_helpers.train import build_trainer, train
 
-    cfg = build_config("test", {"train.max_steps": 2})
     run_dir = tmp_path_factory.mktemp("export-run")
-    cfg.save(run_dir / "config.json")
-    tokenizer = load_tokenizer(cfg)
-    prepare_data(cfg, run_dir, tokenizer)
-    model = attach_lora(cfg, load_base_model(cfg))
-    train(cfg, run_dir, build_trainer(cfg, run_dir, model, tokenizer))
+    stage = Stage(build_config("test", {"train.max_steps": 2}), run_dir)
+    save_config(stage.cfg, run_dir)
+    tokenizer = load_tokenizer(stage)
+    prepare_data(stage, tokenizer)
+    model = attach_lora(stage, load_base_model(stage))
+    train(stage, build_trainer(stage, model, tokenizer))
     del model
-    return cfg, run_dir, export_run(cfg, run_dir)
+    return stage, run_dir, export_run(stage)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -110,10 +113,9 @@ print(json.dumps({
 
 def test_adapter_loads_onto_an_unquantized_base_in_a_fresh_process(exported_run):
     from qlora_helpers.evaluate import held_out_prompts
-    from qlora_helpers.model import embedded_model_dir, load_tokenizer
 
-    cfg, run_dir, _ = exported_run
-    _, prompts, _ = held_out_prompts(cfg, run_dir, load_tokenizer(cfg))
+    stage, run_dir, _ = exported_run
+    _, prompts, _ = held_out_prompts(stage, load_tokenizer(stage))
     proc = subprocess.run([sys.executable, "-c", LOAD_ADAPTER, str(embedded_model_dir()), str(run_dir / "adapter"), prompts[0]],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -166,11 +168,11 @@ def test_merged_model_answers_like_base_plus_adapter(exported_run):
     from transformers import AutoModelForCausalLM
 
     from qlora_helpers.evaluate import held_out_prompts
-    from qlora_helpers.model import embedded_model_dir, load_tokenizer
 
-    cfg, run_dir, _ = exported_run
-    tokenizer = load_tokenizer(cfg)
-    _, prompts, stop_ids = held_out_prompts(cfg, run_dir, tokenizer)
+    stage, run_dir, _ = exported_run
+    cfg = stage.cfg
+    tokenizer = load_tokenizer(stage)
+    _, prompts, stop_ids = held_out_prompts(stage, tokenizer)
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32),
                                           str(run_dir / "adapter")).eval()
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "merged", dtype=torch.float32).eval()
@@ -242,9 +244,9 @@ def test_nothing_is_pushed_or_looked_up_when_push_to_hub_is_empty(exported_run, 
     import qlora_helpers.secrets
     from qlora_helpers.export import push_adapter
 
-    cfg, run_dir, metrics = exported_run
+    stage, run_dir, metrics = exported_run
     monkeypatch.setattr(qlora_helpers.secrets, "hf_token", lambda: pytest.fail("the token was looked up"))
-    assert cfg.eval.push_to_hub == "" and push_adapter(cfg, run_dir) is None
+    assert stage.cfg.eval.push_to_hub == "" and push_adapter(stage) is None
     assert metrics["hub"] is None
 
 
@@ -253,9 +255,9 @@ def test_push_without_a_token_fails_in_one_line_saying_how_to_provide_it(exporte
     from qlora_helpers.export import HubTokenMissing, push_adapter
 
     _, run_dir, _ = exported_run
-    cfg = build_config("test", {"eval.push_to_hub": "someone/my-adapter"})
+    stage = Stage(build_config("test", {"eval.push_to_hub": "someone/my-adapter"}), run_dir)
     with pytest.raises(HubTokenMissing) as err:
-        push_adapter(cfg, run_dir)
+        push_adapter(stage)
     message = str(err.value)
     assert isinstance(err.value, UserError) and "\n" not in message
     assert "someone/my-adapter" in message and "HF_TOKEN" in message and "Kaggle" in message and "Secrets" in message
@@ -267,7 +269,7 @@ def test_a_missing_token_fails_the_export_before_the_merge(exported_run, monkeyp
     _, run_dir, _ = exported_run
     monkeypatch.setattr(export, "merge_adapter", lambda *a: pytest.fail("merged before checking for a token"))
     with pytest.raises(export.HubTokenMissing, match="HF_TOKEN"):
-        export.export_run(build_config("test", {"eval.push_to_hub": "someone/my-adapter"}), run_dir)
+        export.export_run(Stage(build_config("test", {"eval.push_to_hub": "someone/my-adapter"}), run_dir))
 
 
 def test_a_failed_push_never_shows_the_token(exported_run, monkeypatch, capsys):
@@ -282,9 +284,9 @@ def test_a_failed_push_never_shows_the_token(exported_run, monkeypatch, capsys):
         raise RuntimeError(f"401 Unauthorized: invalid token {FAKE_TOKEN}\nmore detail")
 
     monkeypatch.setattr(HfApi, "create_repo", leaky)
-    cfg = build_config("test", {"eval.push_to_hub": "someone/my-adapter"})
+    stage = Stage(build_config("test", {"eval.push_to_hub": "someone/my-adapter"}), run_dir)
     with pytest.raises(HubPushFailed) as err:
-        push_adapter(cfg, run_dir)
+        push_adapter(stage)
     assert FAKE_TOKEN not in str(err.value) and "\n" not in str(err.value) and "401 Unauthorized" in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__
     out = capsys.readouterr()
@@ -311,7 +313,7 @@ def test_a_push_uploads_the_adapter_without_the_pickle_and_names_the_hub_base(ex
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     cfg = build_config("test", {"eval.push_to_hub": "someone/my-adapter"})
     cfg.model.name = "HuggingFaceTB/SmolLM2-135M-Instruct"  # as if the base had come from the hub
-    result = push_adapter(cfg, run_dir)
+    result = push_adapter(Stage(cfg, run_dir))
     assert result == {"repo_id": "someone/my-adapter", "url": "https://huggingface.co/someone/my-adapter",
                       "commit": "abc123", "private": True}
     assert "adapter_model.safetensors" in uploaded["files"] and "training_args.bin" not in uploaded["files"]

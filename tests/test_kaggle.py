@@ -1,5 +1,5 @@
-"""Kaggle: the kernel metadata and helper dataset pass the official CLI's own checks, the install cell is the
-same guarded cell everywhere, attached sources beat the hub, and no internet stops a stage at once."""
+"""Kaggle packaging: the kernel metadata and helper dataset pass the official CLI's own checks, and the install
+cell is the same guarded cell everywhere."""
 import ast
 import json
 import subprocess
@@ -12,8 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import REPO
-from qlora_helpers import build_config, kaggle
+from qlora_helpers import build_config, pipeline
 from qlora_helpers.config import UserError
+
+sys.path.insert(0, str(REPO / "tools"))
+import kaggle_build as kaggle  # noqa: E402
 
 METADATA = json.loads((REPO / "kaggle-metadata.json").read_text())
 DRIVER = REPO / METADATA["code_file"]
@@ -77,7 +80,7 @@ def test_the_staged_kernel_passes_the_official_push_validation(tmp_path, kaggle_
 def dataset_folder(tmp_path_factory):
     """What `make kaggle-dataset` builds (the same command line), once for this module."""
     out = tmp_path_factory.mktemp("kaggle") / "dataset"
-    proc = subprocess.run([sys.executable, "-m", "qlora_helpers.kaggle", "dataset", str(out), "--user", USER],
+    proc = subprocess.run([sys.executable, "tools/kaggle_build.py", "dataset", str(out), "--user", USER],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
@@ -88,7 +91,7 @@ def test_the_dataset_holds_a_wheel_of_the_whole_package(dataset_folder):
     with zipfile.ZipFile(wheel) as zf:
         packaged = {n for n in zf.namelist() if n.startswith("qlora_helpers/")}
     modules = {f"qlora_helpers/{p.name}" for p in (REPO / "qlora_helpers").glob("*.py")}
-    assert modules <= packaged and "qlora_helpers/kaggle.py" in packaged
+    assert modules <= packaged and "qlora_helpers/recipes/kaggle-t4.yaml" in packaged
     assert sorted(p.name for p in dataset_folder.glob("*.ipynb")) == [p.name for p in NOTEBOOKS[:-1]]
     shipped = (dataset_folder / "requirements-kaggle.txt").read_text()
     assert shipped == (REPO / "requirements-kaggle.txt").read_text() + (REPO / "requirements-gpu.txt").read_text()
@@ -132,9 +135,9 @@ def _cells(path):
     return json.loads(path.read_text())["cells"]
 
 
-def test_one_install_cell_everywhere_guarded_skipped_and_never_torch():
+def test_one_install_cell_in_the_kernel_guarded_skipped_and_never_torch():
     sources = set()
-    for path in NOTEBOOKS:
+    for path in [DRIVER]:
         install = [c for c in _cells(path) if "kaggle-only" in c["metadata"].get("tags", [])]
         assert len(install) == 1, f"{path.name}: {len(install)} install cells"
         src = "".join(install[0]["source"])
@@ -156,106 +159,19 @@ def test_the_driver_notebook_is_thin_with_one_parameters_cell_and_no_outputs():
 
 
 def test_the_driver_finds_the_stage_notebooks_in_the_attached_dataset(tmp_path, monkeypatch):
-    from qlora_helpers import pipeline
-
-    assert kaggle.stage_notebook_dir(tmp_path) == pipeline.NOTEBOOK_DIR  # in a checkout: its own
+    assert pipeline.stage_notebook_dir(tmp_path) == pipeline.NOTEBOOK_DIR  # in a checkout: its own
     monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", tmp_path / "not-installed")
     mounted = tmp_path / "input" / "datasets" / USER / "qlora-helpers"
     mounted.mkdir(parents=True)
     with pytest.raises(UserError, match="make kaggle-dataset"):
-        kaggle.stage_notebook_dir(tmp_path / "input")
-    (mounted / kaggle.STAGE_NOTEBOOK).write_text("{}")
-    assert kaggle.stage_notebook_dir(tmp_path / "input") == mounted
+        pipeline.stage_notebook_dir(tmp_path / "input")
+    (mounted / pipeline.STAGE_NOTEBOOK).write_text("{}")
+    assert pipeline.stage_notebook_dir(tmp_path / "input") == mounted
 
     seen = {}
-    monkeypatch.setattr(kaggle, "KAGGLE_INPUT", tmp_path / "input")
+    monkeypatch.setenv("QLORA_KAGGLE_ROOT", str(tmp_path))
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, overrides, run_dir, **kw: seen.update(
-        profile=cfg.profile, overrides=overrides, run_dir=run_dir, **kw) or Path(run_dir))
-    kaggle.run_all_stages("test", '{"train.max_steps": 2}', str(tmp_path / "run"))
+        profile=cfg.profile, overrides=overrides, run_dir=str(run_dir), **kw) or Path(run_dir))
+    pipeline.run_all_stages("test", '{"train.max_steps": 2}', str(tmp_path / "run"))
     assert seen == {"profile": "test", "overrides": {"train.max_steps": 2}, "run_dir": str(tmp_path / "run"),
                     "notebook_dir": mounted}
-
-
-# --------------------------------------------------------------------------- sources: attached, hub, offline
-def _touch(path, text="[]"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def test_an_attached_dataset_is_found_by_the_words_of_the_hub_name(tmp_path):
-    _touch(tmp_path / "qlora-helpers" / "dataset-metadata.json", "{}")
-    assert kaggle.attached_dataset("yahma/alpaca-cleaned", tmp_path) is None
-    wanted = _touch(tmp_path / "my-copy" / "alpaca_data_cleaned.json")
-    assert kaggle.attached_dataset("yahma/alpaca-cleaned", tmp_path) == wanted
-    folder = tmp_path / "datasets" / "someone" / "dolly-15k"
-    _touch(folder / "data" / "train.parquet")
-    assert kaggle.attached_dataset("databricks/dolly-15k", tmp_path) == folder / "data"
-    assert kaggle.attached_dataset("yahma/alpaca-cleaned", tmp_path / "missing") is None
-
-
-def test_stage_one_reads_the_attached_copy_and_says_so(tmp_path, monkeypatch):
-    from qlora_helpers.data import load_raw
-
-    rows = [{"instruction": "Say hi.", "input": "", "output": "hi"}]
-    copy = _touch(tmp_path / "alpaca-cleaned" / "alpaca_data_cleaned.json", json.dumps(rows))
-    monkeypatch.setattr(kaggle, "KAGGLE_INPUT", tmp_path)
-    loaded, label = load_raw(build_config("kaggle-t4"))
-    assert loaded == rows and str(copy) in label and "Kaggle input" in label
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setattr(kaggle, "hub_reachable", lambda: False)
-    monkeypatch.setattr(kaggle, "in_hub_cache", lambda repo_id, repo_type: False)
-    monkeypatch.setattr(kaggle, "attached_model", lambda name: None)
-    monkeypatch.setattr(kaggle, "attached_dataset", lambda source: None)
-
-
-def test_without_internet_and_nothing_attached_the_first_cell_says_what_to_do(offline, tmp_path, monkeypatch):
-    from qlora_helpers.runs import start_stage
-
-    monkeypatch.delenv("QLORA_PROFILE", raising=False)  # the suite's default would replace the profile
-    with pytest.raises(kaggle.HubUnreachable) as err:
-        start_stage("kaggle-t4", {}, str(tmp_path / "run"))
-    message = str(err.value)
-    assert "\n" not in message and isinstance(err.value, UserError)
-    assert "model.name 'microsoft/Phi-3-mini-4k-instruct'" in message and "data.source 'yahma/alpaca-cleaned'" in message
-    assert "Add Input > Models" in message and "Settings > Internet" in message
-    assert not (tmp_path / "run" / "config.json").exists()
-
-
-def test_attached_or_local_sources_need_no_hub(offline, monkeypatch, tmp_path):
-    monkeypatch.setattr(kaggle, "attached_model", lambda name: tmp_path)
-    cfg = build_config("kaggle-t4")
-    assert kaggle.hub_sources(cfg) == ["data.source"]
-    monkeypatch.setattr(kaggle, "attached_dataset", lambda source: tmp_path)
-    kaggle.check_sources(cfg)
-    # a missing local file is stage 1's own error (DataError naming the file), not "no internet"
-    kaggle.check_sources(build_config("test", {"data.source": str(tmp_path / "missing.jsonl")}))
-
-
-def test_embedded_sources_never_touch_the_network(monkeypatch):
-    monkeypatch.setattr(kaggle, "hub_reachable", lambda: pytest.fail("checked the network"))
-    kaggle.check_sources(build_config("test"))
-
-
-def test_hub_reachable_is_cheap_and_honours_offline_mode(monkeypatch):
-    import socket
-
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
-                "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    tried = []
-
-    def refuse(address, timeout):
-        tried.append((address, timeout))
-        raise OSError("unreachable")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    kaggle.hub_reachable.cache_clear()
-    assert kaggle.hub_reachable() is False and tried == [(("huggingface.co", 443), 3.0)]
-    kaggle.hub_reachable.cache_clear()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert kaggle.hub_reachable() is False and len(tried) == 1
-    kaggle.hub_reachable.cache_clear()

@@ -1,17 +1,25 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from qlora_helpers import ConfigError, build_config
+from qlora_helpers import ConfigError, Stage, build_config
 from qlora_helpers.__main__ import main
-from qlora_helpers.model import (attach_lora, build_random_model, choose_compute_dtype, count_parameters,
-                                 estimate_weight_bytes, hardware, kaggle_input_match, linear_module_names,
-                                 load_base_model, load_tokenizer, lora_coverage, parameter_dtypes, resolve_model_path,
-                                 resolve_targets, weight_bytes, write_model_metrics)
+from qlora_helpers.data import load_tokenizer
+from qlora_helpers.hardware import choose_compute_dtype, hardware
+from qlora_helpers.inspect_model import estimate_weight_bytes
+from qlora_helpers.model import (attach_lora, count_parameters, linear_module_names, load_base_model, lora_coverage,
+                                 parameter_dtypes, resolve_targets, weight_bytes, write_model_metrics)
+from qlora_helpers.sources import kaggle_input_model, model_source
 
 from conftest import run_cli
+
+
+def S(overrides=None, run_dir=None, profile="test"):
+    """The Stage a notebook would get for the test profile with these overrides."""
+    return Stage(build_config(profile, overrides or {}), run_dir)
 
 TINY = dict(vocab_size=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
@@ -34,7 +42,7 @@ def test_phi3_fuses_projections_and_llama_splits_them():
 
 
 def test_a_target_that_matches_nothing_is_an_error_listing_the_real_names():
-    cfg = build_config("test", {"lora.target_modules": SEED_TARGETS})
+    cfg = S({"lora.target_modules": SEED_TARGETS})
     with pytest.raises(ConfigError) as err:
         resolve_targets(cfg, tiny("phi3"))
     msg = str(err.value)
@@ -67,7 +75,7 @@ def test_packed_4bit_weights_count_as_the_parameters_they_hold(tmp_path):
     model = tiny("llama")
     expected = sum(p.numel() for p in model.parameters())
     model.save_pretrained(tmp_path)
-    cfg = build_config("test", {"model.name": str(tmp_path), "quant.compute_dtype": "float32"})
+    cfg = S({"model.name": str(tmp_path), "quant.compute_dtype": "float32"})
     quantized = load_base_model(cfg)
     assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert sum(p.numel() for p in quantized.parameters()) < expected  # naive numel halves packed layers
@@ -97,10 +105,10 @@ def test_bf16_on_a_t4_is_refused_before_loading():
 def test_bf16_on_a_t4_stops_load_base_model_before_any_download(monkeypatch):
     import transformers
 
-    monkeypatch.setattr("qlora_helpers.model.hardware", lambda: T4)
+    monkeypatch.setattr("qlora_helpers.stage.hardware", lambda: T4)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ConfigError, match="set quant.compute_dtype=float16"):
-        load_base_model(build_config("test", {"model.name": "microsoft/Phi-3-mini-4k-instruct", "quant.compute_dtype": "bfloat16"}))
+        load_base_model(S({"model.name": "microsoft/Phi-3-mini-4k-instruct", "quant.compute_dtype": "bfloat16"}))
 
 
 # --------------------------------------------------------------------------- where the weights come from
@@ -122,26 +130,28 @@ def test_a_model_attached_under_kaggle_input_is_found_by_its_words(tmp_path):
     (root / "alpaca/data").mkdir(parents=True)
     (root / "alpaca/data/train.json").write_text("[]")
 
-    assert kaggle_input_match("microsoft/Phi-3-mini-4k-instruct", root) == newest
-    assert kaggle_input_match("microsoft/Phi-3-mini-128k-instruct", root) == long_context
-    assert kaggle_input_match("Qwen/Qwen2.5-0.5B-Instruct", root) == qwen
-    assert kaggle_input_match("meta-llama/Llama-3.2-1B", root) is None
-    assert kaggle_input_match("microsoft/Phi-3-mini-4k-instruct", tmp_path / "no-such-root") is None
+    assert kaggle_input_model("microsoft/Phi-3-mini-4k-instruct", root) == newest
+    assert kaggle_input_model("microsoft/Phi-3-mini-128k-instruct", root) == long_context
+    assert kaggle_input_model("Qwen/Qwen2.5-0.5B-Instruct", root) == qwen
+    assert kaggle_input_model("meta-llama/Llama-3.2-1B", root) is None
+    assert kaggle_input_model("microsoft/Phi-3-mini-4k-instruct", tmp_path / "no-such-root") is None
 
 
 def test_sources_in_order_local_then_kaggle_input_then_hub(tmp_path, monkeypatch):
-    monkeypatch.setattr("qlora_helpers.model.KAGGLE_INPUT", tmp_path / "input")
+    monkeypatch.setenv("QLORA_KAGGLE_ROOT", str(tmp_path))
     attached = _fake_model_folder(tmp_path / "input/phi-3/transformers/phi-3-mini-4k-instruct/1")
     phi3 = build_config("kaggle-t4")
-    assert resolve_model_path(phi3) == (str(attached), f"Kaggle input {attached}")
+    assert (model_source(phi3).location, model_source(phi3).description) == (str(attached), f"Kaggle input {attached}")
     hub = build_config("test", {"model.name": "HuggingFaceTB/SmolLM2-135M-Instruct", "model.revision": "main"})
-    assert resolve_model_path(hub) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "Hugging Face Hub HuggingFaceTB/SmolLM2-135M-Instruct @ main")
+    assert (model_source(hub).location, model_source(hub).description) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "Hugging Face Hub HuggingFaceTB/SmolLM2-135M-Instruct @ main")
+    assert model_source(hub).kwargs["revision"] == "main"
     nested = _fake_model_folder(tmp_path / "mine/1/model")  # a Kaggle version folder holding the model one level down
-    assert resolve_model_path(build_config("test", {"model.name": str(tmp_path / "mine")}))[0] == str(nested)
+    assert model_source(build_config("test", {"model.name": str(tmp_path / "mine")})).location == str(nested)
     with pytest.raises(ConfigError, match="no such file or folder"):
-        resolve_model_path(build_config("test", {"model.name": str(tmp_path / "typo")}))
+        model_source(build_config("test", {"model.name": str(tmp_path / "typo")}))
     with pytest.raises(ConfigError, match="holds no weights.*inspect-model"):
-        load_base_model(build_config("test", {"model.name": str(_fake_model_folder(tmp_path / "bare", weights=None))}))
+        load_base_model(S({"model.name": str(_fake_model_folder(tmp_path / "bare", weights=None))}))
 
 
 def test_remote_code_runs_only_when_asked(monkeypatch):
@@ -151,8 +161,8 @@ def test_remote_code_runs_only_when_asked(monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda path, **kw: seen.append(kw) or TINY)
     from qlora_helpers.model import load_model_config
 
-    load_model_config(build_config("test", {"model.name": "owner/model"}))
-    load_model_config(build_config("test", {"model.name": "owner/model", "model.trust_remote_code": True}))
+    load_model_config(S({"model.name": "owner/model"}))
+    load_model_config(S({"model.name": "owner/model", "model.trust_remote_code": True}))
     assert [kw["trust_remote_code"] for kw in seen] == [False, True]
 
 
@@ -175,8 +185,8 @@ def bf16():
                                                        ("none", False, "Linear")])
 def test_each_quant_mode_loads_and_its_size_is_known_from_shapes(tiny_llama_dir, bf16, mode, double_quant, layer):
     # int8 runs on the CPU with bitsandbytes 0.50 (activations are cast to fp16 for the int8 matmul)
-    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.mode": mode,
-                                "quant.double_quant": double_quant, "quant.compute_dtype": bf16})
+    cfg = S({"model.name": str(tiny_llama_dir), "quant.mode": mode,
+             "quant.double_quant": double_quant, "quant.compute_dtype": bf16})
     model = load_base_model(cfg)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer
@@ -185,7 +195,7 @@ def test_each_quant_mode_loads_and_its_size_is_known_from_shapes(tiny_llama_dir,
         assert q_proj.compute_dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
     assert count_parameters(model)["total"] == sum(p.numel() for p in tiny("llama").parameters())
-    assert estimate_weight_bytes(model, cfg, bf16)["total_bytes"] == weight_bytes(model)
+    assert estimate_weight_bytes(model, cfg)["total_bytes"] == weight_bytes(model)
     ids = torch.randint(2, 256, (2, 8))
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
@@ -225,9 +235,9 @@ def _write_tiny_gguf(path):
 
 def test_a_gguf_file_loads_dequantized_then_quantized_as_configured(tmp_path, bf16):
     original = _write_tiny_gguf(tmp_path / "tiny.gguf")
-    cfg = build_config("test", {"model.name": str(tmp_path / "tiny.gguf"), "quant.compute_dtype": bf16})
-    path, source = resolve_model_path(cfg)
-    assert path == str(tmp_path / "tiny.gguf") and source.startswith("GGUF file")
+    cfg = S({"model.name": str(tmp_path / "tiny.gguf"), "quant.compute_dtype": bf16})
+    assert cfg.model.description.startswith(f"GGUF file {tmp_path / 'tiny.gguf'}")
+    assert (Path(cfg.model.location) / "config.json").exists()  # dequantized once into the cache
     model = load_base_model(cfg)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     assert model.hf_quantizer.quantization_config.bnb_4bit_quant_type == "nf4"
@@ -235,16 +245,18 @@ def test_a_gguf_file_loads_dequantized_then_quantized_as_configured(tmp_path, bf
     tokenizer = load_tokenizer(cfg)
     ids = torch.tensor([tokenizer("hello").input_ids])
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
-    plain = load_base_model(build_config("test", {"model.name": str(tmp_path / "tiny.gguf"), "quant.mode": "none",
-                                                  "quant.compute_dtype": "float32"}))
-    assert torch.equal(plain.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
+    plain = load_base_model(S({"model.name": str(tmp_path / "tiny.gguf"), "quant.mode": "none",
+                               "quant.compute_dtype": "float32"}))
+    # dequantized once into a bfloat16 folder: the original weights to bf16's precision (NF4 rounds far more)
+    assert torch.allclose(plain.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight,
+                          rtol=2**-8, atol=0)
 
 
 # --------------------------------------------------------------------------- 16-bit stays 16-bit, LoRA options
 def test_16bit_compute_keeps_embeddings_and_head_16bit_and_lora_trains(tiny_llama_dir, bf16):
-    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16,
-                                "train.gradient_checkpointing": True})
+    cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16, "train.gradient_checkpointing": True})
     model = attach_lora(cfg, load_base_model(cfg))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the Trainer does
     base = model.get_base_model()
     assert base.model.embed_tokens.weight.dtype == base.lm_head.weight.dtype == base.model.norm.weight.dtype == torch.bfloat16
     dtypes = parameter_dtypes(model)
@@ -262,10 +274,10 @@ def test_16bit_compute_keeps_embeddings_and_head_16bit_and_lora_trains(tiny_llam
     assert base.model.embed_tokens.weight.dtype == torch.bfloat16 and base.model.embed_tokens.weight.grad is None
 
 
-def test_rslora_dora_and_modules_to_save_reach_the_peft_model(bf16):
-    cfg = build_config("test", {"quant.compute_dtype": bf16, "lora.r": 4, "lora.alpha": 8, "lora.use_rslora": True,
-                                "lora.use_dora": True, "lora.modules_to_save": "lm_head"})
-    model = attach_lora(cfg, build_random_model(cfg, tiny("llama").config, "cpu"))
+def test_rslora_dora_and_modules_to_save_reach_the_peft_model(tiny_llama_dir, bf16):
+    cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16, "lora.r": 4, "lora.alpha": 8,
+             "lora.use_rslora": True, "lora.use_dora": True, "lora.modules_to_save": "lm_head"})
+    model = attach_lora(cfg, load_base_model(cfg))
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r), not alpha / r
     assert "default" in q_proj.lora_magnitude_vector  # DoRA
@@ -282,55 +294,17 @@ def test_rslora_dora_and_modules_to_save_reach_the_peft_model(bf16):
 
 
 def test_modules_to_save_that_matches_nothing_is_an_error():
-    cfg = build_config("test", {"lora.modules_to_save": "output_head"})
+    cfg = S({"lora.modules_to_save": "output_head"})
     with pytest.raises(ConfigError, match="lora.modules_to_save: output_head match no module.*lm_head"):
         attach_lora(cfg, tiny("llama"))
 
 
 def test_targets_may_be_dotted_suffixes_or_the_output_head():
     model = tiny("llama")
-    assert resolve_targets(build_config("test", {"lora.target_modules": "self_attn.q_proj,lm_head"}), model) == ["self_attn.q_proj", "lm_head"]
-    assert "lm_head" not in resolve_targets(build_config("test"), model)  # all-linear leaves the head out, as PEFT does
+    assert resolve_targets(S({"lora.target_modules": "self_attn.q_proj,lm_head"}), model) == ["self_attn.q_proj", "lm_head"]
+    assert "lm_head" not in resolve_targets(S(), model)  # all-linear leaves the head out, as PEFT does
     with pytest.raises(ConfigError, match="mlp.q_proj match no linear layer"):
-        resolve_targets(build_config("test", {"lora.target_modules": "mlp.q_proj"}), model)
-
-
-# --------------------------------------------------------------------------- random weights, quantized for real
-def test_random_model_is_what_from_pretrained_would_load(tiny_llama_dir, bf16):
-    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16})
-    loaded, built = load_base_model(cfg), build_random_model(cfg)
-    assert built.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
-    assert (built.is_loaded_in_4bit, type(built.hf_quantizer)) == (True, type(loaded.hf_quantizer))
-    built_params = dict(built.named_parameters())
-    for name, p in loaded.named_parameters():
-        q = built_params[name]
-        assert (type(q), q.dtype, q.shape, q.device) == (type(p), p.dtype, p.shape, p.device), name
-        if hasattr(p, "quant_state"):
-            a, b = p.quant_state, q.quant_state
-            assert (a.quant_type, a.blocksize, a.nested, a.dtype, a.shape) == (b.quant_type, b.blocksize, b.nested, b.dtype, b.shape)
-    assert weight_bytes(built) == weight_bytes(loaded)
-    assert torch.equal(built.model.rotary_emb.inv_freq, loaded.model.rotary_emb.inv_freq)
-    assert built.model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.2)  # the model's own init
-
-
-def test_random_model_forward_and_one_lora_step_on_cpu_with_tied_embeddings(bf16):
-    cfg = build_config("test", {"quant.compute_dtype": bf16, "lora.r": 4})
-    model = build_random_model(cfg, tiny("llama", tie_word_embeddings=True).config, "cpu", seed=1)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    peft_model = attach_lora(cfg, model)
-    ids = torch.randint(2, 256, (2, 8))
-    loss = peft_model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
-
-
-def test_random_model_accepts_a_folder_with_only_config_json(tmp_path, bf16):
-    tiny("phi3").config.save_pretrained(tmp_path)
-    cfg = build_config("test", {"quant.compute_dtype": bf16, "quant.mode": "int8"})
-    model = build_random_model(cfg, tmp_path)
-    assert type(model.model.layers[0].self_attn.qkv_proj).__name__ == "Linear8bitLt"
-    assert not any(p.is_meta for p in model.parameters())
+        resolve_targets(S({"lora.target_modules": "mlp.q_proj"}), model)
 
 
 # --------------------------------------------------------------------------- inspect-model and metrics
@@ -379,9 +353,9 @@ def test_inspect_model_with_real_weights_measures_what_it_estimated(tiny_llama_d
 
 
 def test_model_metrics_record_weights_and_memory_after_loading(tiny_llama_dir, bf16, tmp_path):
-    cfg = build_config("test", {"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16})
+    cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16}, tmp_path)
     model = attach_lora(cfg, load_base_model(cfg))
-    metrics = write_model_metrics(cfg, tmp_path, model, "local folder")
+    metrics = write_model_metrics(cfg, model)
     assert json.loads((tmp_path / "model" / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=str))
     for key in ("source", "quantization", "compute_dtype", "attn_implementation", "hardware", "targets", "coverage",
                 "params", "weight_gib", "memory"):
@@ -390,3 +364,37 @@ def test_model_metrics_record_weights_and_memory_after_loading(tiny_llama_dir, b
     memory = metrics["memory"]
     assert memory["rss_gib"] > 0 and memory["peak_rss_gib"] >= memory["rss_gib"] * 0.5
     assert memory["gpu_allocated_gib"] is None and memory["gpu_reserved_gib"] is None  # CPU here
+
+
+def _lora_grads(model, ids):
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_evaluation_between_training_steps_leaves_the_gradients_alone(tiny_llama_dir, bf16, guarded):
+    """bitsandbytes 0.50 on an AVX512-BF16 CPU repacks a 4-bit layer on its first eval-mode no-grad forward into a
+    kernel without a backward: after that, gradients stop at the frozen layer. load_base_model turns the repack off;
+    unguarded (the library's default) the same gradients change, which is why the guard exists."""
+    from qlora_helpers.model import keep_cpu_4bit_layers_trainable
+
+    cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": "float32", "lora.dropout": 0.0})
+    model = attach_lora(cfg, load_base_model(cfg))
+    if not guarded:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on this CPU
+    ids = torch.randint(2, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = _lora_grads(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # what trainer.evaluate() and generate() do between training steps
+    after = _lora_grads(model, ids)
+    changed = [n for n in before if after[n] is None or not torch.allclose(before[n], after[n], rtol=1e-4, atol=1e-7)]
+    if guarded:
+        assert not changed
+    else:
+        assert changed, "bitsandbytes no longer loses gradients after an eval pass: keep_cpu_4bit_layers_trainable can go"
+    assert keep_cpu_4bit_layers_trainable  # the guard load_base_model applies

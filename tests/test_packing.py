@@ -4,9 +4,9 @@ in padding (train.packing_row_tokens)."""
 import pytest
 import torch
 
-from qlora_helpers import build_config
+from qlora_helpers import Stage, build_config
 from qlora_helpers.data import IGNORE_INDEX
-from qlora_helpers.train import make_collator
+from qlora_helpers.packing import make_collator
 
 
 def examples():
@@ -50,7 +50,7 @@ def assert_exact(model, batch, exs, places):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_batch_equals_examples_one_by_one(attn):
     model, exs = tiny_llama(attn), examples()
-    batch = make_collator(build_config("test", {"train.packing": True}), tokenizer=None)(exs)
+    batch = make_collator(Stage(build_config("test", {"train.packing": True})), tokenizer=None)(exs)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     assert batch["position_ids"][0].tolist() == [i for e in exs for i in range(len(e["input_ids"]))]
     offsets = [sum(len(e["input_ids"]) for e in exs[:i]) for i in range(len(exs))]
@@ -62,7 +62,7 @@ def test_packed_rows_with_padding_equal_examples_one_by_one(attn):
     from types import SimpleNamespace
 
     model, exs = tiny_llama(attn), examples()  # 9, 14 and 6 tokens
-    collator = make_collator(build_config("test", {"train.packing": True, "train.packing_row_tokens": 16}),
+    collator = make_collator(Stage(build_config("test", {"train.packing": True, "train.packing_row_tokens": 16})),
                              tokenizer=SimpleNamespace(pad_token_id=0))
     batch = collator(exs)
     # First fit by decreasing length: [14] and [9, 6]; the first row is padded by one token to 15.

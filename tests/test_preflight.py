@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import REPO
-from qlora_helpers import build_config
+from qlora_helpers import Stage, build_config
 from qlora_helpers.preflight import estimate_training_memory, parameter_counts, model_shape, preflight_report
 
 T4 = {"device": "cuda", "name": "Tesla T4", "capability": "7.5", "bf16": False, "free_gib": 14.7, "total_gib": 14.7}
@@ -131,8 +131,11 @@ def test_the_estimate_is_within_30_percent_of_the_kaggle_t4_row_packing_measurem
 
 def test_the_gpu_report_warns_and_suggests(tmp_path, phi3, capsys):
     phi3.save_pretrained(tmp_path / "phi3")  # config.json only: the report never loads weights
-    cfg = build_config("kaggle-t4", {**MEASURED_RECIPE, "train.micro_batch_size": 32, "train.gradient_checkpointing": False})
-    est = preflight_report(cfg, tmp_path / "run", model_path=str(tmp_path / "phi3"), hw=T4)
+    cfg = build_config("kaggle-t4", {**MEASURED_RECIPE, "train.micro_batch_size": 32, "train.gradient_checkpointing": False,
+                                     "model.name": str(tmp_path / "phi3")})
+    stage = Stage(cfg, tmp_path / "run")
+    stage.hw = T4  # what a Kaggle T4 reports
+    est = preflight_report(stage)
     out = capsys.readouterr().out
     assert "GPU: Tesla T4, compute capability 7.5, 14.7 of 14.7 GiB free, bf16: no" in out
     assert "compute dtype: float16, attention: sdpa" in out
@@ -147,7 +150,7 @@ def test_on_cpu_the_report_says_there_is_no_gpu(tmp_path, smol_tokenizer, capsys
     (run_dir / "data").mkdir(parents=True)
     (run_dir / "data" / "metrics.json").write_text(json.dumps({"train_lengths": {"mean": 40.0, "p50": 38, "p90": 55, "max": 90}}))
     cfg = build_config("test")
-    est = preflight_report(cfg, run_dir)
+    est = preflight_report(Stage(cfg, run_dir))
     out = capsys.readouterr().out
     assert out.startswith("No GPU: training runs on the CPU") and "GiB available" in out
     assert est["fits"] is None and est["tokens_per_micro_batch"] < cfg.train.micro_batch_size * cfg.data.max_seq_len

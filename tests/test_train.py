@@ -10,14 +10,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora_helpers import build_config
-from qlora_helpers.train import TrainingDiverged, last_checkpoint, metrics_callback
+from qlora_helpers import Stage, build_config
+from qlora_helpers.train import TrainingDiverged, metrics_callback, resume_checkpoint
 
 from conftest import REPO
 
 
+def last_checkpoint(run_dir):
+    return resume_checkpoint(Stage(build_config("test"), run_dir))
+
+
 def _cli(run_dir, *extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("QLORA_PROFILE", "QLORA_RUN_DIR")}
+    env = dict(os.environ)
     return [sys.executable, "-m", "qlora_helpers", "run", "--profile", "test", "--run-dir", str(run_dir),
             "-p", "train.max_steps=10", *extra], env
 
@@ -62,7 +66,7 @@ def test_an_interrupted_checkpoint_is_not_resumed_from(tmp_path):
 
 
 def test_a_nan_loss_stops_training_naming_the_step(tmp_path):
-    cb = metrics_callback(build_config("test"), tmp_path)
+    cb = metrics_callback(Stage(build_config("test"), tmp_path))
     state = SimpleNamespace(global_step=0, num_input_tokens_seen=0, epoch=0.0)
     args = SimpleNamespace(world_size=1, process_index=0)
     cb.on_train_begin(args, state, None)
@@ -80,10 +84,10 @@ def test_the_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, smol_tokenize
     from qlora_helpers.model import attach_lora, load_base_model
     from qlora_helpers.train import build_trainer, train
 
-    cfg = build_config("test", {"train.max_steps": 50, "train.max_minutes": 0.001})
-    prepare_data(cfg, tmp_path, smol_tokenizer)
-    trainer = build_trainer(cfg, tmp_path, attach_lora(cfg, load_base_model(cfg)), smol_tokenizer)
-    metrics = train(cfg, tmp_path, trainer)
+    stage = Stage(build_config("test", {"train.max_steps": 50, "train.max_minutes": 0.001}), tmp_path)
+    prepare_data(stage, smol_tokenizer)
+    trainer = build_trainer(stage, attach_lora(stage, load_base_model(stage)), smol_tokenizer)
+    metrics = train(stage, trainer)
     assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
     assert last_checkpoint(tmp_path).endswith("checkpoint-1")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -94,7 +98,7 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"step": 1, "kind": "train", "loss": 2.0}) + "\n"
                     + json.dumps({"step": 2, "kind": "train", "loss": 1.9}) + "\n" + '{"step": 3, "kind": "tr')
-    cb = metrics_callback(build_config("test"), tmp_path)
+    cb = metrics_callback(Stage(build_config("test"), tmp_path))
     cb.on_train_begin(SimpleNamespace(world_size=1, process_index=0),
                       SimpleNamespace(global_step=2, num_input_tokens_seen=0, epoch=0.0), None)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
@@ -113,12 +117,13 @@ def test_packed_rows_train_like_one_packed_row(tmp_path, smol_tokenizer):
         cfg = build_config("test", {"train.max_steps": 2, "train.micro_batch_size": 8,
                                     "train.packing_row_tokens": rows, "train.logging_steps": 1,
                                     "quant.compute_dtype": "float32"})
-        prepare_data(cfg, run_dir, smol_tokenizer)
-        trainer = build_trainer(cfg, run_dir, attach_lora(cfg, load_base_model(cfg)), smol_tokenizer)
+        stage = Stage(cfg, run_dir)
+        prepare_data(stage, smol_tokenizer)
+        trainer = build_trainer(stage, attach_lora(stage, load_base_model(stage)), smol_tokenizer)
         if rows:
             batch = trainer.data_collator(trainer.train_dataset[:8])
             assert batch["input_ids"].shape[0] > 1 and batch["input_ids"].shape[1] <= 128
-        metrics = train(cfg, run_dir, trainer)
+        metrics = train(stage, trainer)
         losses = [json.loads(l)["loss"] for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
                   if json.loads(l)["kind"] == "train"]
         results[rows] = (metrics["tokens_seen"], losses)

@@ -1,0 +1,59 @@
+"""The machine a stage runs on: which device, how much memory, whether it has bf16, and so which compute
+dtype to use. Resolved once per stage (``Stage.hw``, ``Stage.compute_dtype``) and passed on."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import ConfigError
+
+
+def local_process_index() -> int:
+    """This process's GPU: 0, or under a distributed launcher (accelerate launch, torchrun and notebook_launcher
+    all set LOCAL_RANK) the one it owns, so that each data-parallel process holds its own whole copy of the
+    model there instead of all of them crowding GPU 0."""
+    return max(0, int(os.environ.get("LOCAL_RANK") or 0))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), read from the flags Linux reports;
+    elsewhere False (fp32, which is always right)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = local_process_index()  # querying GPU 0 from every process would put a CUDA context on it
+        major, minor = torch.cuda.get_device_capability(gpu)
+        free, total = torch.cuda.mem_get_info(gpu)
+        return {"device": "cuda", "name": torch.cuda.get_device_name(gpu), "capability": f"{major}.{minor}",
+                "bf16": major >= 8, "free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2),
+                "gpu_count": torch.cuda.device_count()}
+    return {"device": "cpu", "name": "CPU", "capability": None, "bf16": cpu_has_bf16(), "free_gib": None,
+            "total_gib": None, "gpu_count": 0}
+
+
+def device_of(hw: dict[str, Any]) -> str:
+    """Where this process puts the model: its own GPU, or the CPU."""
+    return f"cuda:{local_process_index()}" if hw["device"] == "cuda" else "cpu"
+
+
+def choose_compute_dtype(requested: str, hw: dict[str, Any]) -> str:
+    """bf16 where the hardware has it (GPU capability 8.0+, or a CPU with AVX512-BF16/AMX), else fp16 on
+    a GPU and fp32 on a CPU. An explicit bf16 request on hardware without it is an error, not a slow surprise."""
+    if requested == "bfloat16" and not hw["bf16"]:
+        where = f"GPU {hw['name']} (compute capability {hw['capability']})" if hw["device"] == "cuda" else "this CPU"
+        raise ConfigError(f"quant.compute_dtype=bfloat16: {where} has no bf16 support; "
+                          "set quant.compute_dtype=float16 (or auto)")
+    if requested != "auto":
+        return requested
+    if hw["bf16"]:
+        return "bfloat16"
+    return "float16" if hw["device"] == "cuda" else "float32"

@@ -1,0 +1,101 @@
+"""How a micro-batch is laid out: padding-free packing, in one row or in rows of at most N tokens.
+
+Packed examples sit side by side with ``position_ids`` restarting at each one; transformers' sdpa, eager
+and flex attention read those restarts and mask attention block by block, so no token sees another
+example (tests/test_packing.py checks logits and loss against the examples one by one).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .data import IGNORE_INDEX
+from .stage import Stage
+
+
+def to_dataset(examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """What the Trainer needs of each example: a list is a map-style dataset already."""
+    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+
+
+class PackedRowsCollator:
+    """Padding-free packing into several rows of at most `row_tokens` tokens instead of one long row.
+
+    Why: without flash-attention (a T4 has none, and sdpa is what runs there) the block-diagonal mask of a
+    packed row is dense, so attention costs grow with the square of the row's length: one row of a 64-example
+    micro-batch (~7,000 tokens) spends most of its time on masked-out blocks. Rows of ~1,000 tokens cut that
+    ~7x. Examples go into rows first-fit by decreasing length; each row ends in a padding segment with its own
+    position_ids (0, 1, ...) and no labels, so it is one more "example" that nothing attends to or from, and
+    padding never touches real tokens. The first label of every example is dropped, as in
+    DataCollatorWithFlattening: it would be predicted from the example before it.
+
+    Only for attention that reads packing from position_ids row by row (sdpa, eager; flex is refused for speed).
+    transformers' flash-attention path recognises packing only in a batch of one row, so there rows would attend
+    across examples; model.attn_implementation offers no flash choice, so that cannot happen here.
+    """
+
+    def __init__(self, row_tokens: int, pad_token_id: int):
+        self.row_tokens = row_tokens
+        self.pad_token_id = pad_token_id
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of the examples in each row, first-fit decreasing (an example longer than a row gets its own)."""
+        rows: list[list[int]] = []
+        fill: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            for r, used in enumerate(fill):
+                if used + lengths[i] <= self.row_tokens:
+                    rows[r].append(i)
+                    fill[r] += lengths[i]
+                    break
+            else:
+                rows.append([i])
+                fill.append(lengths[i])
+        return rows
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = self.rows(lengths)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        ids, labels, positions = [], [], []
+        for row in rows:
+            r_ids, r_labels, r_pos = [], [], []
+            for i in row:
+                r_ids += features[i]["input_ids"]
+                r_labels += [IGNORE_INDEX] + list(features[i]["labels"][1:])
+                r_pos += range(lengths[i])
+            pad = width - len(r_ids)
+            ids.append(r_ids + [self.pad_token_id] * pad)
+            labels.append(r_labels + [IGNORE_INDEX] * pad)
+            positions.append(r_pos + list(range(pad)))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
+
+
+def make_collator(stage: Stage, tokenizer):
+    """Padding-free packing by default: position_ids restart at each example and the attention (sdpa, flex,
+    eager in transformers 5) is masked block-diagonally, so no token sees another example. The whole
+    micro-batch is one row, or rows of train.packing_row_tokens. Padded batches are the fallback."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    t = stage.cfg.train
+    if t.packing and t.packing_row_tokens:
+        return PackedRowsCollator(t.packing_row_tokens, tokenizer.pad_token_id)
+    if t.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def batch_table(batch: dict[str, Any], tokenizer, row: int = 0, limit: int | None = 60):
+    """One row of a collated batch token by token (a pandas DataFrame): where each packed example starts (its
+    position_ids restart at 0), which tokens carry the loss (label != -100), and the padding at a row's end."""
+    import pandas as pd
+
+    ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+    positions = batch["position_ids"][row].tolist() if "position_ids" in batch else list(range(len(ids)))
+    example, rows = -1, []
+    for i, (t, p, l) in enumerate(zip(ids, positions, labels)):
+        example += p == 0
+        rows.append({"token": tokenizer.decode([t]), "position_id": p, "example": example, "label": l,
+                     "carries loss": l != IGNORE_INDEX})
+    return pd.DataFrame(rows[:limit])

