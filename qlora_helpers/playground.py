@@ -31,7 +31,7 @@ def playground(stage: Stage, model, tokenizer):
     import html
 
     import ipywidgets as w
-    from IPython.display import HTML, display
+    from IPython.display import HTML
 
     examples, _, _ = held_out_prompts(stage, tokenizer)
     users = [json.loads(e["prompt_messages"])[-1]["content"] for e in examples]
@@ -48,16 +48,15 @@ def playground(stage: Stage, model, tokenizer):
             text.value = users[change["new"]]
 
     def on_click(_):
-        with out:
-            out.clear_output()
-            if not text.value.strip():
-                print("type a prompt first")
-                return
-            answers = answer_pair(stage, model, tokenizer, text.value, budget.value)
-            cells = "".join(
-                f"<td style='vertical-align:top;padding:6px'><b>{label}</b><br>"
-                f"{html.escape(a['answer'])}{'' if a['stopped'] else ' …'}</td>" for label, a in answers.items())
-            display(HTML(f"<table style='width:100%'><tr>{cells}</tr></table>"))
+        out.outputs = ()
+        if not text.value.strip():
+            out.append_stdout("type a prompt first\n")
+            return
+        answers = answer_pair(stage, model, tokenizer, text.value, budget.value)
+        cells = "".join(
+            f"<td style='vertical-align:top;padding:6px'><b>{label}</b><br>"
+            f"{html.escape(a['answer'])}{'' if a['stopped'] else ' …'}</td>" for label, a in answers.items())
+        out.append_display_data(HTML(f"<table style='width:100%'><tr>{cells}</tr></table>"))
 
     pick.observe(on_pick, names="value")
     button.on_click(on_click)

@@ -337,3 +337,24 @@ def test_report_shows_the_export_and_says_what_was_not_measured(exported_run):
     assert f"validation loss, base → fine-tuned | {NM} → {NM}" in report
     assert "notebook 04 did not run" in report
     assert FAKE_TOKEN not in report
+
+
+# --------------------------------------------------------------------------- the playground (notebook 04)
+def test_the_playground_answers_with_and_without_the_adapter(exported_run):
+    from qlora_helpers.evaluate import load_finetuned
+    from qlora_helpers.playground import answer_pair, playground
+
+    stage, _, _ = exported_run
+    tokenizer = load_tokenizer(stage)
+    model = load_finetuned(stage)
+    answers = answer_pair(stage, model, tokenizer, "What is 2 + 3? Answer with the number only.", 8)
+    assert set(answers) == {"base", "fine-tuned"}
+    assert all(isinstance(a["answer"], str) and a["new_tokens"] <= 8 for a in answers.values())
+    widget = playground(stage, model, tokenizer)  # builds without a frontend and waits for nothing
+    pick, text, (budget, button), out = widget.children[0], widget.children[1], widget.children[2].children, widget.children[3]
+    assert pick.options[0][1] == -1 and len(pick.options) == stage.cfg.eval.num_prompts + 1
+    pick.value = 0  # picking a held-out prompt fills the text box
+    assert text.value and budget.value == stage.cfg.eval.max_new_tokens
+    button.click()
+    shown = "".join(str(o.get("data", {}).get("text/html", "")) for o in out.outputs)
+    assert "<b>base</b>" in shown and "<b>fine-tuned</b>" in shown
