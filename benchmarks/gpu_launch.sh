@@ -2,6 +2,7 @@
 # One launch of the GPU benchmark on a lent GPU machine, from a bare machine: install the carried wheels, then run.
 #
 #   bash benchmarks/gpu_launch.sh OUT_DIR [final|explore]
+#   RECIPES=trl-t4,trl-fast APPEND=1 bash benchmarks/gpu_launch.sh OUT_DIR final   # a second launch, same JSON
 #
 # Expects, beside this checkout (in ../ when run from .dev/perf): wheels/ (pydantic and its three helpers,
 # liger-kernel, and Unsloth's and TRL's wheels: unsloth, unsloth_zoo, trl, datasets, ...), site/bitsandbytes (the
@@ -27,7 +28,7 @@ python3 -c "import torch, transformers, peft, bitsandbytes; print(torch.__versio
 LEN="$DEV/alpaca_lengths.json"
 if [ "$MODE" = final ]; then  # recipes still running ten minutes after the start are stopped and reported so
   BENCH_DEADLINE=$(( $(date +%s) + ${BENCH_SECONDS:-540} )) python3 benchmarks/gpu_bench.py --lengths "$LEN" \
-    --out "$OUT/gpu_bench.json" ${RECIPES:+--recipes "$RECIPES"} 2>&1 | grep -v -e 'it/s\]' -e 's/it\]' > "$OUT/gpu_bench.log"
+    --out "$OUT/gpu_bench.json" ${RECIPES:+--recipes "$RECIPES"} ${APPEND:+--append} 2>&1 | grep -v -e 'it/s\]' -e 's/it\]' >> "$OUT/gpu_bench.log"
   tail -n 40 "$OUT/gpu_bench.log"
   exit
 fi
