@@ -10,7 +10,7 @@ same per-process memory cap as a T4 (15 GiB). The data are Alpaca-length example
 a random-weights model has something to learn and loss curves can be compared.
 
 Measured:
-1. speed: the same recipe (kaggle-t4, micro-batch 64 per GPU) on 1 and on 2 GPUs, non-padding tokens/s over the
+1. speed: the same recipe (kaggle-t4: its micro-batch per GPU, 64 when measured on 2026-11-29) on 1 and on 2 GPUs, non-padding tokens/s over the
    steps after warm-up; the target is at least 1.8x.
 2. loss agreement: the same global batch (1 GPU x accumulation 2 against 2 GPUs x 1) from the same seed, the
    training loss of every step.

@@ -87,6 +87,8 @@ class TrainConfig(_Section):
     optim: str = "auto"               # auto = paged_adamw_8bit on CUDA, adamw_torch on CPU; else a transformers name
     packing: bool = True              # padding-free packing: examples side by side, each attending only to itself
     packing_row_tokens: int = Field(0, ge=0)  # packed rows of at most this many tokens (0 = one row per micro-batch)
+    micro_batch_tokens: int = Field(0, ge=0, le=131072)  # > 0: a micro-batch is whole examples up to this many tokens
+    torch_compile: bool = False       # compile each decoder layer once (torch.compile, regional); ~1 min at the start
     gradient_checkpointing: bool = False
     use_liger: bool = False           # Liger's fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); CUDA only
     logging_steps: int = Field(5, gt=0)
@@ -260,6 +262,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config keys 'train.packing_row_tokens' and 'model.attn_implementation=flex_attention': "
                           "flex_attention already skips the masked-out blocks of one packed row, and rows of varying "
                           "shape make it recompile (4.4x slower on an H200); set train.packing_row_tokens=0")
+    if t.micro_batch_tokens:
+        keys = "config keys 'train.micro_batch_tokens'"
+        if not t.packing or t.packing_row_tokens or t.micro_batch_size != 1:
+            raise ConfigError(f"{keys}, 'train.packing', 'train.packing_row_tokens' and 'train.micro_batch_size': a "
+                              "micro-batch of up to train.micro_batch_tokens tokens is one packed row; set "
+                              "train.packing=true, train.packing_row_tokens=0 and train.micro_batch_size=1")
+        if t.micro_batch_tokens < cfg.data.max_seq_len:
+            raise ConfigError(f"{keys}={t.micro_batch_tokens} and 'data.max_seq_len'={cfg.data.max_seq_len}: every "
+                              "example must fit in one micro-batch; set train.micro_batch_tokens >= data.max_seq_len")
     if t.save_steps % t.eval_steps:
         raise ConfigError(f"config keys 'train.save_steps'={t.save_steps} and 'train.eval_steps'={t.eval_steps}: "
                           "save_steps must be a multiple of eval_steps (the best checkpoint is chosen by validation loss)")

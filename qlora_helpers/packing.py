@@ -1,4 +1,5 @@
-"""How a micro-batch is laid out: padding-free packing, in one row or in rows of at most N tokens.
+"""How a micro-batch is laid out: padding-free packing, in one row or in rows of at most N tokens, or as many
+whole examples as fit in N tokens (train.micro_batch_tokens).
 
 Packed examples sit side by side with ``position_ids`` restarting at each one; transformers' sdpa, eager
 and flex attention read those restarts and mask attention block by block, so no token sees another
@@ -17,13 +18,72 @@ def to_dataset(examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
     return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
 
 
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of the items in each bin of at most `capacity`: longest items first, each into the fullest bin it
+    still fits (an item longer than `capacity` gets a bin of its own). O(n log n) through a sorted list of the
+    bins' free space, so 50,000 examples take well under a second."""
+    import bisect
+
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, bin), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            room, b = free.pop(at)
+            bins[b].append(i)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([i])
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def group_by_tokens(examples: list[dict[str, Any]], max_tokens: int) -> list[dict[str, list[int]]]:
+    """The training examples as micro-batches of at most `max_tokens` tokens (train.micro_batch_tokens): each item
+    is whole examples packed into one row, best fit by decreasing length, with position_ids restarting at each
+    example and its first label dropped (as DataCollatorWithFlattening does). The Trainer then shuffles and
+    counts these items instead of examples (one epoch is still every example once), and memory is bounded by
+    `max_tokens` rather than by the longest examples that happen to share a micro-batch."""
+    items = []
+    for group in best_fit_decreasing([len(e["input_ids"]) for e in examples], max_tokens):
+        group.sort()  # the examples in their original order inside the row
+        ids, labels, positions = [], [], []
+        for i in group:
+            ids += examples[i]["input_ids"]
+            labels += [IGNORE_INDEX] + list(examples[i]["labels"][1:])
+            positions += range(len(examples[i]["input_ids"]))
+        items.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return items
+
+
+class PackedGroupsCollator:
+    """Items of group_by_tokens (packed rows with their own position_ids) side by side in one row. A plain example
+    (the validation split is not grouped) is a group of one: positions 0, 1, ... and its first label dropped."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids, labels, positions = [], [], []
+        for f in features:
+            ids += f["input_ids"]
+            if "position_ids" in f:
+                labels += f["labels"]
+                positions += f["position_ids"]
+            else:
+                labels += [IGNORE_INDEX] + list(f["labels"][1:])
+                positions += range(len(f["input_ids"]))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+
+
 class PackedRowsCollator:
     """Padding-free packing into several rows of at most `row_tokens` tokens instead of one long row.
 
     Why: without flash-attention (a T4 has none, and sdpa is what runs there) the block-diagonal mask of a
     packed row is dense, so attention costs grow with the square of the row's length: one row of a 64-example
     micro-batch (~7,000 tokens) spends most of its time on masked-out blocks. Rows of ~1,000 tokens cut that
-    ~7x. Examples go into rows first-fit by decreasing length; each row ends in a padding segment with its own
+    ~7x. Examples go into rows best fit by decreasing length; each row ends in a padding segment with its own
     position_ids (0, 1, ...) and no labels, so it is one more "example" that nothing attends to or from, and
     padding never touches real tokens. The first label of every example is dropped, as in
     DataCollatorWithFlattening: it would be predicted from the example before it.
@@ -38,19 +98,8 @@ class PackedRowsCollator:
         self.pad_token_id = pad_token_id
 
     def rows(self, lengths: list[int]) -> list[list[int]]:
-        """Indices of the examples in each row, first-fit decreasing (an example longer than a row gets its own)."""
-        rows: list[list[int]] = []
-        fill: list[int] = []
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            for r, used in enumerate(fill):
-                if used + lengths[i] <= self.row_tokens:
-                    rows[r].append(i)
-                    fill[r] += lengths[i]
-                    break
-            else:
-                rows.append([i])
-                fill.append(lengths[i])
-        return rows
+        """Indices of the examples in each row, best fit by decreasing length (an example longer than a row gets its own)."""
+        return best_fit_decreasing(lengths, self.row_tokens)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -75,10 +124,13 @@ class PackedRowsCollator:
 def make_collator(stage: Stage, tokenizer):
     """Padding-free packing by default: position_ids restart at each example and the attention (sdpa, flex,
     eager in transformers 5) is masked block-diagonally, so no token sees another example. The whole
-    micro-batch is one row, or rows of train.packing_row_tokens. Padded batches are the fallback."""
+    micro-batch is one row, or rows of train.packing_row_tokens, or (train.micro_batch_tokens) one item of
+    group_by_tokens. Padded batches are the fallback."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     t = stage.cfg.train
+    if t.micro_batch_tokens:
+        return PackedGroupsCollator()
     if t.packing and t.packing_row_tokens:
         return PackedRowsCollator(t.packing_row_tokens, tokenizer.pad_token_id)
     if t.packing:

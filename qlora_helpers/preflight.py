@@ -127,7 +127,7 @@ def attention_quadratic_bytes(cfg: Config, shape: dict[str, Any], tokens: int, d
     needs no dense mask, but measured peaks show one layer's heads x tokens x tokens scores at a time.
     """
     b, attn, s = cfg.train.micro_batch_size, cfg.model.attn_implementation, dtype_bytes
-    packed = cfg.train.packing and b > 1
+    packed = cfg.train.packing and (b > 1 or cfg.train.micro_batch_tokens > 0)
     squares = tokens * tokens if packed else b * (tokens // b) ** 2
     rows = packed_rows(cfg, tokens)
     if rows:  # train.packing_row_tokens: a (rows x width x width) mask instead of one tokens x tokens
@@ -157,9 +157,11 @@ def tokens_per_micro_batch(cfg: Config, lengths: dict[str, Any] | None = None) -
     Without length statistics: micro_batch_size x max_seq_len (the worst case). With them (stage 1's
     ``train_lengths``): a padded batch is as long as its longest example times the batch size, and some
     batch holds the longest example; a padding-free batch holds the longest example plus, at worst,
-    a sum of lengths three standard deviations above the mean.
+    a sum of lengths three standard deviations above the mean. With train.micro_batch_tokens: that bound.
     """
     b, cap = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    if cfg.train.micro_batch_tokens:  # whole examples up to this many tokens, packed nearly full: the bound itself
+        return b * cfg.train.micro_batch_tokens
     if not lengths:
         return b * cap
     longest = min(cap, int(lengths["max"]))

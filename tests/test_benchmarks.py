@@ -24,15 +24,19 @@ def _bench(tmp_path, script, *args, timeout=600):
     return json.loads((tmp_path / "out.json").read_text())
 
 
-def test_gpu_bench_measures_each_recipe_and_compares_the_sanity_pair(tmp_path):
-    out = _bench(tmp_path, "gpu_bench.py", "--recipes", "kaggle-t4,sanity-seed,sanity-fast,unsloth-t4",
+def test_gpu_bench_measures_each_recipe_and_compares_the_sanity_pairs(tmp_path):
+    out = _bench(tmp_path, "gpu_bench.py", "--recipes", "kaggle-t4,sanity-seed,sanity-low-memory,unsloth-t4,trl-fast",
                  "--warmup", "1", "--steps", "2")
     by = {r["recipe"]: r for r in out["recipes"]}
     assert by["kaggle-t4"]["tokens_per_s"] > 0 and by["kaggle-t4"]["trainable_params"] > 0
     assert by["kaggle-t4"]["config"]["train.packing_row_tokens"] == 1024
-    assert "skipped" in by["unsloth-t4"]  # not installed here: said, not crashed
+    assert "skipped" in by["unsloth-t4"] and "skipped" in by["trl-fast"]  # not installed here: said, not crashed
+    # low-memory's micro-batches are groups of whole examples up to train.micro_batch_tokens
+    assert by["sanity-low-memory"]["config"]["train.micro_batch_tokens"] > 0
     sanity = out["sanity"]
-    assert sanity["steps"] == 20 and sanity["max_rel_diff"] < 0.05  # same batches, same seed, same losses
+    assert sanity["steps"] == 10 and set(sanity["pairs"]) == {"low-memory"}
+    assert sanity["max_rel_diff"] < 0.05  # the same examples from the same seed: the same loss curve, within batch noise
+    assert "| kaggle-t4 | " in out["table"] and "| unsloth-t4 | unsloth is not importable |" in out["table"]
 
 
 def test_ddp_bench_kills_every_process_and_the_relaunch_resumes(tmp_path):

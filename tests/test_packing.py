@@ -71,3 +71,38 @@ def test_packed_rows_with_padding_equal_examples_one_by_one(attn):
     assert batch["input_ids"][0, 14].item() == 0 and batch["labels"][0, 14].item() == IGNORE_INDEX
     assert batch["position_ids"][1].tolist() == list(range(9)) + list(range(6))
     assert_exact(model, batch, exs, [(1, 0), (0, 0), (1, 9)])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_token_budget_groups_equal_examples_one_by_one(attn):
+    from qlora_helpers.packing import group_by_tokens
+
+    model, exs = tiny_llama(attn), examples()  # 9, 14 and 6 tokens
+    stage = Stage(build_config("test", {"train.micro_batch_tokens": 16, "data.max_seq_len": 16,
+                                       "train.micro_batch_size": 1}))
+    groups = group_by_tokens(exs, 16)
+    # Best fit by decreasing length: 14 alone, then 9 and 6 together (kept in their original order).
+    assert [len(g["input_ids"]) for g in groups] == [14, 15]
+    assert groups[1]["position_ids"] == list(range(9)) + list(range(6))
+    collator = make_collator(stage, tokenizer=None)
+    batch = collator([groups[1]])
+    assert batch["input_ids"].shape == (1, 15) and "attention_mask" not in batch
+    assert_exact(model, batch, [exs[0], exs[2]], [(0, 0), (0, 9)])
+    # A plain example (the validation split is not grouped) is a group of one.
+    assert_exact(model, collator([exs[1]]), [exs[1]], [(0, 0)])
+
+
+def test_token_budget_groups_hold_every_example_once_and_stay_under_budget():
+    import random
+
+    from qlora_helpers.packing import group_by_tokens
+
+    rng = random.Random(0)
+    exs = [{"input_ids": [rng.randrange(3, 99)] * n, "labels": [IGNORE_INDEX] + [5] * (n - 1)}
+           for n in (rng.randint(20, 512) for _ in range(3000))]
+    groups = group_by_tokens(exs, 512)
+    assert all(len(g["input_ids"]) <= 512 for g in groups)
+    assert sum(len(g["input_ids"]) for g in groups) == sum(len(e["input_ids"]) for e in exs)
+    assert sum(p == 0 for g in groups for p in g["position_ids"]) == len(exs)
+    # Best fit leaves little room: on these lengths the groups are over 95% full on average.
+    assert sum(len(g["input_ids"]) for g in groups) / (512 * len(groups)) > 0.95

@@ -60,7 +60,7 @@ SAMPLE_LENGTHS_512 = {"mean": 105.0, "p50": 94, "p90": 180, "max": 512}
 def test_the_kaggle_t4_profile_as_configured_fits_a_t4_on_alpaca_lengths(phi3):
     est = estimate_training_memory(build_config("kaggle-t4"), phi3, T4, SAMPLE_LENGTHS_512)
     assert est["fits"] is True, est["parts_gib"]
-    # measured on an H200 under a 15 GiB cap with Alpaca-like lengths: 8.23 GiB reserved
+    # measured on an H200 under a 15 GiB cap with Alpaca-like lengths: 8.25 and 9.28 GiB reserved
     assert 5.0 < est["total_gib"] < 12.0
 
 
@@ -117,15 +117,36 @@ def test_the_estimate_is_within_30_percent_of_the_readmes_padding_free_measureme
 
 
 @pytest.mark.parametrize("overrides, measured_gib", [
-    ({"train.packing_row_tokens": 0}, 8.23),
-    ({}, 6.19),
-    ({"train.packing_row_tokens": 2048}, 5.85),
-    ({"train.micro_batch_size": 128}, 9.28),
-], ids=["one-row", "rows1024", "rows2048", "b128-rows1024"])
+    ({"train.micro_batch_size": 64, "train.packing_row_tokens": 0}, 8.23),
+    ({"train.micro_batch_size": 64}, 6.19),
+    ({"train.micro_batch_size": 64, "train.packing_row_tokens": 2048}, 5.85),
+    ({}, 9.28),
+    ({}, 8.25),
+    ({"train.packing_row_tokens": 512}, 11.36),
+], ids=["b64-one-row", "b64-rows1024", "b64-rows2048", "b128-rows1024", "b128-rows1024-again", "b128-rows512"])
 def test_the_estimate_is_within_30_percent_of_the_kaggle_t4_row_packing_measurements(phi3, overrides, measured_gib):
-    """benchmarks/results/gpu_bench-h200-2026-11-29b.json: the kaggle-t4 profile under a 15 GiB cap, packed
-    micro-batches of 64 (or 128) in one row or in rows of 1,024 / 2,048 tokens, lengths of the real Alpaca sample."""
+    """benchmarks/results/gpu_bench-h200-2026-11-29b.json (micro-batches of 64, and 128 in rows of 1,024: 9.28 GiB),
+    gpu_bench-h200-2026-12-01b.json (the profile as committed: 9.28 GiB again) and gpu_explore-h200-2026-12-01.json
+    (8.25 GiB; rows of 512: 11.36): the kaggle-t4 profile under a 15 GiB cap, lengths of the real Alpaca sample."""
     est = estimate_training_memory(build_config("kaggle-t4", overrides), phi3, T4, SAMPLE_LENGTHS_512)
+    assert est["total_gib"] == pytest.approx(measured_gib, rel=0.30), est["parts_gib"]
+
+
+@pytest.mark.parametrize("profile, overrides, measured_gib", [
+    # gpu_bench-h200-2026-12-01b.json, sanity-low-memory: groups of up to 640 tokens, two per step
+    ("low-memory", {}, 3.05),
+    # gpu_bench-h200-2026-12-01a.json: groups of up to 512 tokens with compiled layers (which keep more)
+    ("low-memory", {"train.micro_batch_tokens": 512, "train.torch_compile": True}, 3.89),
+    # gpu_explore-h200-2026-12-01.json, fast-b64-compile
+    ("gpu-fast", {}, 36.8),
+    # gpu_bench-h200-2026-12-01a.json: the same recipe in the next launch reserved 66.27 GiB (30.48 allocated)
+    pytest.param("gpu-fast", {}, 66.27, marks=pytest.mark.xfail(strict=True, reason=(
+        "the same recipe reserved 36.8 GiB in the launch before: with compiled layers and a new row length every "
+        "step the allocator's caching varies by launch (30.5 GiB allocated here, 28.1 there); the estimate is 39.5"))),
+], ids=["low-memory", "low-memory-512-compiled", "gpu-fast", "gpu-fast-second-launch"])
+def test_the_estimate_is_within_30_percent_of_the_issue_16_measurements(phi3, profile, overrides, measured_gib):
+    hw = H200 if profile == "gpu-fast" else T4
+    est = estimate_training_memory(build_config(profile, overrides), phi3, hw, SAMPLE_LENGTHS_512)
     assert est["total_gib"] == pytest.approx(measured_gib, rel=0.30), est["parts_gib"]
 
 
