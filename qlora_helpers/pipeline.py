@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .budget import begin_session
 from .config import Config, UserError, build_config
 from .runs import REPO_ROOT, default_run_dir, link_latest
 from .sources import absolute_path, resolve_paths
@@ -49,6 +50,7 @@ def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, ke
         raise UserError(f"run directory {run_dir}: exists and is not a folder")
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     link_latest(run_dir)
+    begin_session(run_dir)  # this process owns the session: the budget counts from now for every notebook
     params = {"PROFILE": cfg.profile, "OVERRIDES": dict(overrides), "RUN_DIR": str(run_dir)}
     notebook_dir = Path(notebook_dir or NOTEBOOK_DIR)
     for nb in notebooks(notebook_dir):

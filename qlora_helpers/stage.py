@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .budget import begin_session
 from .config import Config, UserError, config_from_params, same_settings
 from .hardware import choose_compute_dtype, device_of, hardware
 from .runs import CONFIG_FILE, default_run_dir, latest_run_dir, link_latest, load_config, save_config
@@ -103,6 +104,7 @@ def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None)
         raise UserError(f"run directory {path}: cannot be created ({exc.strerror or exc})") from None
     save_config(cfg, path)
     link_latest(path)
+    begin_session(path)  # the time budget counts from the first stage of this session
     return Stage(cfg, path)
 
 
