@@ -37,10 +37,12 @@ def training_datasets(stage: Stage) -> tuple[list[dict], list[dict]]:
 
 
 def processes() -> int:
-    """How many data-parallel processes train (accelerate sets the world size for a launched run)."""
-    from accelerate import PartialState
+    """How many data-parallel processes train: WORLD_SIZE, which the launcher (accelerate launch, torchrun) sets in
+    every process it starts; 1 otherwise. Not accelerate's PartialState: before the Trainer sets up the process
+    group it reports 1 process on a CPU, so two processes would each plan twice the steps."""
+    import os
 
-    return PartialState().num_processes
+    return max(1, int(os.environ.get("WORLD_SIZE") or 1))
 
 
 def total_steps(stage: Stage, n_train: int, world: int | None = None) -> int:
