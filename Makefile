@@ -7,7 +7,7 @@ RUN_DIR ?=
 # Extra config overrides, e.g. make run P="-p lora.r=8 -p train.max_steps=50"
 P ?=
 
-.PHONY: run test setup clean kaggle-dataset kaggle-kernel
+.PHONY: run test setup clean kaggle-dataset kaggle-kernel kaggle-notebook
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-kaggle.txt requirements-dev.txt pyproject.toml
@@ -24,14 +24,22 @@ run: setup
 test: setup
 	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900 -p no:cacheprovider
 
-# Kaggle (README, "On Kaggle"): the folders for `kaggle datasets create -p` and `kaggle kernels push -p`.
+# Kaggle (docs/kaggle.md): the folders for `kaggle datasets create -p` and `kaggle kernels push -p`.
 # KAGGLE_USER defaults to $KAGGLE_USERNAME or the username in ~/.kaggle/kaggle.json.
+# WHEELS=1: the dataset also holds every pinned package's wheel, so the kernel installs with the internet off.
+# RESUME=1: the kernel attaches its own latest output, so the new version continues that run.
 KAGGLE_USER ?=
+WHEELS ?=
+RESUME ?=
 kaggle-dataset: setup
-	$(PY) tools/kaggle_build.py dataset dist/kaggle-dataset $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+	$(PY) tools/kaggle_build.py dataset dist/kaggle-dataset $(if $(KAGGLE_USER),--user $(KAGGLE_USER)) $(if $(WHEELS),--wheels)
 
 kaggle-kernel: setup
-	$(PY) tools/kaggle_build.py kernel dist/kaggle-kernel $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+	$(PY) tools/kaggle_build.py kernel dist/kaggle-kernel $(if $(KAGGLE_USER),--user $(KAGGLE_USER)) $(if $(RESUME),--resume)
+
+# The committed kernel notebook (kaggle_kernel/qlora_pipeline.ipynb), rebuilt from notebooks/ after changing them.
+kaggle-notebook: setup
+	$(PY) tools/kaggle_build.py notebook
 
 clean:
 	rm -rf $(VENV) runs

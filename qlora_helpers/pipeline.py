@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .budget import begin_session
 from .config import Config, UserError, build_config
 from .runs import REPO_ROOT, default_run_dir, link_latest
 from .sources import absolute_path, resolve_paths
@@ -49,6 +50,7 @@ def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, ke
         raise UserError(f"run directory {run_dir}: exists and is not a folder")
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     link_latest(run_dir)
+    begin_session(run_dir)  # this process owns the session: the budget counts from now for every notebook
     params = {"PROFILE": cfg.profile, "OVERRIDES": dict(overrides), "RUN_DIR": str(run_dir)}
     notebook_dir = Path(notebook_dir or NOTEBOOK_DIR)
     for nb in notebooks(notebook_dir):
@@ -64,40 +66,3 @@ def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, ke
                               f"{first[0] if first else ''} (executed notebook: {out})") from None
         print(f"[qlora] {nb.name} done in {time.time() - t0:.0f}s", flush=True)
     return run_dir
-
-
-# --------------------------------------------------------------------------- on Kaggle
-STAGE_NOTEBOOK = "01_data_preparation.ipynb"  # marks the folder that holds the numbered notebooks
-
-
-def stage_notebook_dir(root: Path | None = None) -> Path:
-    """The folder with the numbered stage notebooks: this checkout's notebooks/, else the helper dataset
-    attached under /kaggle/input (``make kaggle-dataset`` puts them there)."""
-    import os
-
-    from .places import kaggle_input
-
-    root = root or kaggle_input()
-    if (NOTEBOOK_DIR / STAGE_NOTEBOOK).exists():
-        return NOTEBOOK_DIR
-    if root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(root):
-            if STAGE_NOTEBOOK in filenames:
-                return Path(dirpath)
-            if len(Path(dirpath).relative_to(root).parts) >= 5:
-                dirnames.clear()
-    raise UserError(f"no {STAGE_NOTEBOOK} found here or under {root}: attach the helper dataset that "
-                    "`make kaggle-dataset` builds (README, 'On Kaggle')")
-
-
-def run_all_stages(profile: str, overrides: dict | str | None, run_dir: str = "") -> Path:
-    """What the Kaggle kernel's one code file does: every stage notebook in order, each in a fresh kernel,
-    into one run directory under /kaggle/working (papermill, exactly as ``python -m qlora_helpers run``)."""
-    import json
-
-    from .sources import check_sources
-
-    overrides = json.loads(overrides) if isinstance(overrides, str) and overrides.strip() else dict(overrides or {})
-    cfg, profile, overrides, run = resolve_run_request(profile, overrides, run_dir)
-    check_sources(cfg)
-    return run_pipeline(cfg, overrides, run, notebook_dir=stage_notebook_dir())

@@ -1,6 +1,6 @@
 """Preflight: will this run fit the GPU? Answered before any weight is downloaded.
 
-A T4 has about 14.7 GiB; a QLoRA run that does not fit fails with an out-of-memory error minutes
+A T4 has about 14.7 GiB (Kaggle's T4 x2 has two, each training its own copy); a QLoRA run that does not fit fails with an out-of-memory error minutes
 into loading and compiling, or hours later on the longest batch. The estimate below needs only the
 model's config.json (layers, hidden size, intermediate size, vocabulary, heads) and the run's config,
 and adds up what training keeps in GPU memory at its peak:
@@ -284,9 +284,14 @@ def preflight_report(stage: Stage) -> dict[str, Any]:
     if hw["device"] == "cuda":
         print(f"GPU: {hw['name']}, compute capability {hw['capability']}, "
               f"{hw['free_gib']} of {hw['total_gib']} GiB free, bf16: {'yes' if hw['bf16'] else 'no'}")
+        gpus, wanted = hw.get("gpu_count", 1), cfg.train.num_processes
+        if gpus > 1:
+            used = min(wanted or gpus, gpus)
+            print(f"{gpus} GPUs: training will run {used} process(es), one per GPU (train.num_processes={wanted}), "
+                  "each holding its own copy of the model and its own micro-batch: the estimate below is per GPU")
     else:
         print("No GPU: training runs on the CPU, slowly (bitsandbytes NF4 works there). The estimate below is "
-              "what a GPU would need; on Kaggle choose Accelerator > GPU T4. "
+              "what a GPU would need; on Kaggle choose Accelerator > GPU T4 x2. "
               f"CPU bf16 support: {'yes' if hw['bf16'] else 'no'}")
     why = "" if cfg.quant.compute_dtype != "auto" else (
         " (auto: bf16 needs compute capability 8.0+)" if hw["device"] == "cuda" else " (auto)")

@@ -79,8 +79,9 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
         "params": model.get("params", {"total": None, "trainable": None}),
         "memory": {"peak_gpu_reserved_gib": _max(*(m.get("peak_gpu_reserved_gib") for m in mems)),
                    "peak_rss_gib": _max(*(m.get("peak_rss_gib") for m in mems))},
-        "train": {k: train.get(k) for k in ("steps", "examples_seen", "tokens_seen", "wall_s", "epochs",
-                                            "tokens_per_s", "resumed_from_step", "best_eval_loss")},
+        "train": {k: train.get(k) for k in ("steps", "max_steps", "processes", "examples_seen", "examples_planned",
+                                            "tokens_seen", "wall_s", "epochs", "tokens_per_s", "resumed_from_step",
+                                            "best_eval_loss", "stopped_by_time_budget")},
         "eval": {"prompts": ev.get("prompts"),
                  "val_loss_before": base.get("val_loss"), "val_loss_after": tuned.get("val_loss"),
                  "perplexity_before": base.get("perplexity"), "perplexity_after": tuned.get("perplexity"),
@@ -127,6 +128,17 @@ def _mib(n: int | None) -> str:
     return NM if n is None else f"{n / 2**20:,.1f} MiB"
 
 
+def _time_budget_cut(t: dict[str, Any]) -> str:
+    """What train.max_minutes left untrained, so that evaluation, export and the report fit the session."""
+    if t.get("stopped_by_time_budget") is None:
+        return NM
+    if not t["stopped_by_time_budget"]:
+        return "nothing"
+    return (f"stopped at step {_fmt(t['steps'])} of {_fmt(t.get('max_steps'))}: {_fmt(t['examples_seen'])} of "
+            f"{_fmt(t.get('examples_planned'))} planned examples trained on; running the kernel again on this run "
+            "directory trains the rest")
+
+
 def _summary_section(s: dict[str, Any], run_dir: Path) -> list[str]:
     """The table someone reads first: what was trained on what, what it cost, what changed, what was made."""
     e, t, params, mem = s["eval"], s["train"], s["params"], s["memory"]
@@ -138,6 +150,8 @@ def _summary_section(s: dict[str, Any], run_dir: Path) -> list[str]:
     rows = [("model", s["model"] or NM), ("data", s["data"] or NM), ("profile", s["profile"]),
             ("steps / epochs", f"{_fmt(t['steps'])} / {_fmt(t['epochs'])}"),
             ("examples / tokens seen", f"{_fmt(t['examples_seen'])} / {_fmt(t['tokens_seen'])}"),
+            ("training processes (GPUs)", _fmt(t.get("processes"))),
+            ("cut by the time budget", _time_budget_cut(t)),
             ("trainable / total parameters", f"{_fmt(params.get('trainable'))} / {_fmt(params.get('total'))}{share}"),
             ("peak memory", f"{gpu}; process RSS {_fmt(mem['peak_rss_gib'])} GiB"),
             ("training wall time", NM if t["wall_s"] is None else f"{t['wall_s']:,.0f} s ({_fmt(t['tokens_per_s'])} tokens/s)"),

@@ -89,9 +89,11 @@ def default_run_dir() -> Path:
 
 
 def link_latest(path: Path) -> None:
-    """runs/latest -> the newest run directory (only for folders directly under a folder named runs)."""
+    """runs/latest -> the newest run directory (only for folders directly under a folder named runs). Not on
+    Kaggle: /kaggle/working becomes the kernel's output, and what Kaggle makes of a link there is not documented
+    (a copy of the whole run would count twice against its 20 GB); latest_run_dir finds the run without one."""
     latest = path.parent / "latest"
-    if path.parent.name != "runs" or path.name == "latest":
+    if path.parent.name != "runs" or path.name == "latest" or on_kaggle():
         return
     try:
         if latest.is_symlink() or not latest.exists():
@@ -105,8 +107,14 @@ def link_latest(path: Path) -> None:
 
 
 def latest_run_dir() -> Path | None:
+    """runs/latest; on Kaggle, where there is no such link, the newest run directory in /kaggle/working/runs."""
     latest = runs_root() / "latest"
-    return latest.resolve() if latest.exists() else None
+    if latest.exists():
+        return latest.resolve()
+    if on_kaggle() and runs_root().is_dir():
+        found = sorted(p for p in runs_root().iterdir() if (p / CONFIG_FILE).is_file() and not p.name.startswith("."))
+        return found[-1] if found else None
+    return None
 
 
 # --------------------------------------------------------------------------- measurements

@@ -10,6 +10,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .adopt import continue_attached_run, writable_run_dir
+from .budget import begin_session
 from .config import Config, UserError, config_from_params, same_settings
 from .hardware import choose_compute_dtype, device_of, hardware
 from .runs import CONFIG_FILE, default_run_dir, latest_run_dir, link_latest, load_config, save_config
@@ -58,10 +60,12 @@ class Stage:
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    """RUN_DIR as given (relative to the working directory), else runs/latest (made by the last run), else a new one."""
+    """RUN_DIR as given (relative to the working directory), else runs/latest (made by the last run), else on
+    Kaggle an earlier session's run attached as an input, else a new one. A run directory under /kaggle/input
+    (read-only) is first copied to /kaggle/working/runs (qlora_helpers.adopt)."""
     if run_dir:
-        return Path(run_dir).expanduser().resolve()
-    return latest_run_dir() or default_run_dir()
+        return writable_run_dir(Path(run_dir).expanduser().resolve())
+    return latest_run_dir() or continue_attached_run() or default_run_dir()
 
 
 def check_same_run(cfg: Config, run_dir: Path) -> None:
@@ -103,6 +107,7 @@ def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None)
         raise UserError(f"run directory {path}: cannot be created ({exc.strerror or exc})") from None
     save_config(cfg, path)
     link_latest(path)
+    begin_session(path)  # the time budget counts from the first stage of this session
     return Stage(cfg, path)
 
 

@@ -43,10 +43,12 @@ def training_datasets(stage: Stage) -> tuple[list[dict], list[dict]]:
 
 
 def processes() -> int:
-    """How many data-parallel processes train (accelerate sets the world size for a launched run)."""
-    from accelerate import PartialState
+    """How many data-parallel processes train: WORLD_SIZE, which the launcher (accelerate launch, torchrun) sets in
+    every process it starts; 1 otherwise. Not accelerate's PartialState: before the Trainer sets up the process
+    group it reports 1 process on a CPU, so two processes would each plan twice the steps."""
+    import os
 
-    return PartialState().num_processes
+    return max(1, int(os.environ.get("WORLD_SIZE") or 1))
 
 
 def total_steps(stage: Stage, n_train: int, world: int | None = None) -> int:
@@ -195,26 +197,31 @@ def metrics_callback(stage: Stage):
 
 
 def time_budget_callback(stage: Stage):
-    """Stops cleanly, with a checkpoint, before the session's time runs out (train.max_minutes). Under DDP
-    every process must stop at the same step, or the others wait forever in the next all-reduce: the
-    decision goes through the Trainer's accelerator (set_trigger / check_trigger)."""
+    """Stops cleanly, with a checkpoint, when what is left of train.max_minutes is what the stages after training
+    need (qlora_helpers.budget: counted from the session's start, which the run directory records). Under DDP
+    every process must stop at the same step, or the others wait forever in the next all-reduce: the decision
+    goes through the Trainer's accelerator (set_trigger / check_trigger)."""
     from transformers import TrainerCallback
 
-    max_minutes = stage.cfg.train.max_minutes
+    from .budget import describe_deadline, training_deadline
 
     class TimeBudget(TrainerCallback):
         stopped = False
+        budget = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.deadline = time.time() + max_minutes * 60
+            self.budget = training_deadline(stage.cfg, stage.run_dir)
+            if self.budget and args.process_index == 0:
+                print(f"[qlora] {describe_deadline(self.budget)}", flush=True)
 
         def on_step_end(self, args, state, control, **kw):
-            if not max_minutes:
+            if not self.budget:
                 return
             accelerator = getattr(self, "accelerator", None)
-            if time.time() >= self.deadline and accelerator is not None:
+            late = time.time() >= self.budget["deadline"]
+            if late and accelerator is not None:
                 accelerator.set_trigger()
-            due = accelerator.check_trigger() if accelerator is not None else time.time() >= self.deadline
+            due = accelerator.check_trigger() if accelerator is not None else late
             if due:
                 control.should_save = True
                 control.should_training_stop = True
@@ -375,13 +382,16 @@ def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, A
     session_tokens = state.num_input_tokens_seen - (session.tokens_at_start if session else 0)
     budget = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "TimeBudget"), None)
     n_train = len(trainer.train_dataset)
-    examples_seen = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    examples_seen = state.global_step * per_step
     metrics = {
         "steps": state.global_step,
         "max_steps": args.max_steps,
         "processes": args.world_size,
         "resumed_from_step": checkpoint_step(resume_from),
         "stopped_by_time_budget": bool(budget and budget.stopped),
+        "time_budget": {k: v for k, v in (budget.budget or {}).items() if k != "deadline"} if budget else None,
+        "examples_planned": args.max_steps * per_step,
         "examples_seen": examples_seen,
         "epochs": round(examples_seen / max(1, n_train), 4),
         "tokens_seen": int(state.num_input_tokens_seen),

@@ -146,3 +146,21 @@ def test_train_on_a_directory_without_data_is_one_line(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "run notebooks 01 and 02" in err
+
+
+def test_two_processes_train_the_same_examples_and_count_the_budget_from_the_sessions_start(tmp_path, tiny_llama):
+    """train.epochs sets how many examples are trained on, whatever the GPUs: half an epoch of the 32 examples
+    is 8 steps of 2 on one process and 4 steps of 2 x 2 on two. And the training processes count the time
+    budget from the session's start that the run directory records (here an hour ago: the kernel that owns
+    it, this process, started the session's first stage then), not from their own start."""
+    from qlora_helpers.budget import SESSION_FILE, begin_session
+    from qlora_helpers.train import total_steps
+
+    cfg = _run_dir(tmp_path, tiny_llama, max_steps=0, **{"train.epochs": 0.5, "train.max_minutes": 30})
+    assert total_steps(Stage(cfg, tmp_path), 32, world=1) == 8
+    session = begin_session(tmp_path)
+    (tmp_path / SESSION_FILE).write_text(json.dumps({**session, "started": session["started"] - 3600}))
+    metrics = train_data_parallel(Stage(cfg, tmp_path), 2)
+    assert metrics["max_steps"] == 4 and metrics["examples_planned"] == 16 and metrics["processes"] == 2
+    assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
+    assert metrics["time_budget"]["counted_from"] == "session start"
