@@ -11,7 +11,6 @@ import sys
 import venv
 import zipfile
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

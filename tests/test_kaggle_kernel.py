@@ -16,7 +16,6 @@ import sys
 import sysconfig
 import venv
 
-import pytest
 
 from conftest import REPO
 
