@@ -168,20 +168,36 @@ def main(argv: list[str] | None = None) -> int:
         if debug or isinstance(exc, SystemExit):
             raise
         message, status = one_line(exc, args.command)
-        print(f"error: {message}", file=sys.stderr)
+        close_progress_bars()
+        # After Ctrl-C the terminal's cursor sits after "^C": the line starts afresh.
+        print(("\n" if status == 130 else "") + f"error: {message}", file=sys.stderr)
         return status
+
+
+def close_progress_bars() -> None:
+    """A progress bar left open by the error (training's, evaluation's) would redraw itself after the error line
+    when the process exits; closed first, the error is the last line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
 
 
 def one_line(exc: BaseException, command: str) -> tuple[str, int]:
     """What the user reads when a command stops, and its exit status: 2 for a mistake they can fix (a setting,
     a file, the disk), 130 for Ctrl-C, 1 for anything else (a bug: --debug shows where)."""
     from .config import UserError
+    from .runs import failed_write
 
     if isinstance(exc, KeyboardInterrupt):
         hint = exc.args[0] if exc.args else "run the same command again to resume" if command == "train" else ""
         return "interrupted (Ctrl-C)" + (f"; {hint} (training carries on from its last checkpoint)" if hint else ""), 130
     if isinstance(exc, UserError):
         return str(exc), 1 if type(exc).__name__ == "StageFailed" else 2
+    if failed_write(exc) and not isinstance(exc, OSError):
+        return f"a file could not be written ({str(exc).strip().splitlines()[0][:160]}): the disk is probably full", 2
     if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, no permission, a missing file
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror} (errno {exc.errno}); run with --debug for the traceback", 2

@@ -1,6 +1,8 @@
 """Run the numbered notebooks in order with papermill, one fresh kernel each, into one run directory."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,6 +51,7 @@ def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, ke
     steps than trained) and locked for the whole run: a refused run changes nothing on disk."""
     run_dir = Path(run_dir).resolve()
     check_same_run(cfg, run_dir)
+    check_steps(cfg, run_dir)
     ensure_dir(run_dir)
     with pipeline_lock(run_dir):
         check_same_run(cfg, run_dir)  # again, now that no other run can change it
@@ -74,8 +77,9 @@ def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path)
 
     running = ensure_dir(out.parent / ".running") / out.name
     try:
-        pm.execute_notebook(str(nb), str(running), parameters=params, kernel_name=kernel, cwd=str(cwd),
-                            progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
+        interruptible(lambda: pm.execute_notebook(
+            str(nb), str(running), parameters=params, kernel_name=kernel, cwd=str(cwd), progress_bar=False,
+            log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr))
     except PapermillExecutionError as exc:
         keep_executed(running, out)
         first = (exc.evalue or "").strip().splitlines()
@@ -85,6 +89,55 @@ def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path)
         raise StageFailed(f"{nb.name}: the executed notebook cannot be written ({exc.strerror or exc}); free some "
                           "space and run the same command again (training resumes from its last checkpoint)") from None
     keep_executed(running, out)
+
+
+def interruptible(work) -> None:
+    """Run papermill where Ctrl-C can stop it. In the main thread, nbclient takes SIGINT for itself and, between
+    cells, swallows it: the run went on as if nothing had been pressed. In a worker thread it cannot, so Ctrl-C
+    reaches this thread, which interrupts the notebook's kernel (the running cell stops with KeyboardInterrupt),
+    kills it if it lingers, and raises KeyboardInterrupt for the command line to say how to resume."""
+    import threading
+
+    done, outcome = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed over to the main thread as it is
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="papermill").start()
+    try:
+        while not done.wait(0.2):  # not Thread.join: an interrupted join can report a live thread as ended
+            pass
+    except KeyboardInterrupt:
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            for pid in kernel_processes():
+                try:
+                    os.killpg(pid, sig)
+                except OSError:
+                    pass
+            if done.wait(10):
+                break
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def kernel_processes() -> list[int]:
+    """This process's children that lead their own session: the notebook kernels jupyter_client started (Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.parent.name)
+        if int(fields[1]) == os.getpid() and int(fields[3]) == pid:  # parent is us, session id is its own pid
+            found.append(pid)
+    return found
 
 
 def keep_executed(running: Path, out: Path) -> None:

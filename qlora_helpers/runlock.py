@@ -60,6 +60,7 @@ def _busy(run_dir: Path) -> RunDirBusy:
 
 def _open(run_dir: Path):
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a stage that writes makes its run directory anyway
         return open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
     except OSError as exc:
         raise UserError(f"run directory {run_dir}: cannot be written ({exc.strerror or exc})") from None

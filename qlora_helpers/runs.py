@@ -58,6 +58,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def failed_write(exc: BaseException) -> bool:
+    """A full disk (or a file-size limit) as each writer reports it: an OSError, safetensors' own error, or torch.save's
+    RuntimeError from its zip writer."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(exc)
+    return (type(exc).__name__ == "SafetensorError" and "I/O error" in text) or \
+        (isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text))
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write atomically: a temporary file beside the target, flushed to disk, then renamed over it."""
     with atomic_path(path) as tmp:

@@ -135,10 +135,11 @@ def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None)
     cfg = resolve_paths(config_from_params(profile, overrides))
     check_sources(cfg)  # no internet and nothing attached: stop here, saying what to do
     path = resolve_run_dir(run_dir)
-    check_same_run(cfg, path)  # before anything is written: a refused run changes nothing
-    stage = Stage(cfg, ensure_dir(path))
+    stage = Stage(cfg, path)
+    check_run(stage)  # before anything is written: a refused run changes nothing
+    ensure_dir(path)
     with writing(path, "a notebook run by hand"):  # a no-op under the pipeline, which holds the lock already
-        check_run(stage)
+        check_run(stage)  # again, now that no other run can change the directory
         save_config(cfg, path)
     link_latest(path)
     return stage

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import UserError
 from .data import load_split
-from .runs import memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, replace_dir, write_json, write_text
+from .runs import failed_write, memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, replace_dir, write_json, write_text
 from .stage import Stage
 
 
@@ -146,8 +146,7 @@ def metrics_callback(stage: Stage):
                 return
             hold_training_lock(stage)
             log = read_metrics_log(stage.run_dir)
-            if state.global_step and log:
-                # Time adds up over every session, the steps a kill made this one train again included.
+            if log:  # time adds up over every session, the steps a kill made this one train again included
                 self.elapsed_before = max(rec.get("elapsed_s") or 0.0 for rec in log)
                 self.session = max(rec.get("session") or 1 for rec in log) + 1
             write_text(path, "".join(json.dumps(rec) + "\n" for rec in log if rec["step"] <= state.global_step))
@@ -287,8 +286,13 @@ def finished_training(stage: Stage, n_train: int, world: int | None = None) -> d
     metrics = read_train_metrics(stage.run_dir)
     if metrics.get("steps") != done or not stage.path("adapter", "adapter_config.json").exists():
         # Killed after the last checkpoint, before the adapter and metrics were saved: both from the checkpoints.
-        metrics = finished_metrics(stage, Path(checkpoint), {**whole_run_numbers(stage.run_dir), "steps": done,
-                                   "max_steps": total, "resumed_from_step": done, "processes": world or 1})
+        t = stage.cfg.train
+        examples = done * t.micro_batch_size * t.grad_accum * (world or 1)
+        metrics = finished_metrics(stage, Path(checkpoint), {
+            "steps": done, "max_steps": total, "processes": world or 1, "resumed_from_step": done,
+            "stopped_by_time_budget": False, "examples_seen": examples, "epochs": round(examples / max(1, n_train), 4),
+            **whole_run_numbers(stage.run_dir), "tokens_per_s": None, "packing": t.packing,
+            "optim": resolve_optim(t.optim, stage.hw["device"]), "compute_dtype": stage.compute_dtype})
     print(f"[qlora] {stage.run_dir} has trained all {total} steps already (train/metrics.json): reported, not "
           "trained again; raise train.max_steps or train.epochs to train further")
     return metrics
@@ -358,7 +362,7 @@ def connect_callbacks(trainer) -> None:
 
 @contextmanager
 def out_of_memory_advice(stage: Stage):
-    """An out-of-memory error during training becomes one line saying which settings to lower."""
+    """Out of GPU memory, or out of disk for a checkpoint, during training: one line saying what to change."""
     import torch
 
     try:
@@ -370,6 +374,12 @@ def out_of_memory_advice(stage: Stage):
             f"train.micro_batch_size (now {t.micro_batch_size}) and raise train.grad_accum, lower "
             f"data.max_seq_len (now {stage.cfg.data.max_seq_len}), or set train.gradient_checkpointing=true; "
             "running again resumes from the last checkpoint") from None
+    except Exception as exc:
+        if not failed_write(exc):
+            raise
+        raise UserError(f"training could not write to {stage.path('train')} ({str(exc).strip().splitlines()[0][:160]}): "
+                        "the disk is probably full; free some space and run again: training resumes from the last "
+                        "complete checkpoint") from None
 
 
 def train(stage: Stage, trainer) -> dict[str, Any]:
