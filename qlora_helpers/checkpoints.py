@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import UserError
+from .runlock import writing
 from .runs import replace_dir, write_json
 from .stage import Stage
 
@@ -99,12 +100,16 @@ def numbered_checkpoints(stage: Stage) -> list[Path]:
 
 def newest_complete(stage: Stage, move_aside: bool = True) -> Path | None:
     """The newest checkpoint the Trainer can resume from exactly. Newer ones that cannot (a kill or a full disk
-    cut them short, or optimizer/scheduler state is missing) are set aside, each with a warning naming it."""
-    for folder in numbered_checkpoints(stage):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        if move_aside:
+    cut them short, or optimizer/scheduler state is missing) are set aside, each with a warning naming it: only by
+    the main process of a run about to train, holding the run directory (a checkpoint being written by a training
+    that runs elsewhere is incomplete too, and must not be moved from under it). ``move_aside=False``: only look."""
+    if not move_aside or int(os.environ.get("RANK") or 0) != 0:
+        return next((f for f in numbered_checkpoints(stage) if checkpoint_problem(f) is None), None)
+    with writing(stage.run_dir, "training"):
+        for folder in numbered_checkpoints(stage):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
             moved = set_aside(folder)
             print(f"[qlora] warning: {folder} cannot be resumed from ({problem}); "
                   + (f"set aside as {moved.name}; " if moved else "") + "looking at the one before it",

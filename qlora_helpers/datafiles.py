@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,12 @@ def data_files(path: Path) -> list[Path]:
         if path.suffix.lower() not in _BUILDERS:
             raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .json, .jsonl, .csv or .parquet)")
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):  # hidden folders and more than 5 levels down are not read
+        here = Path(dirpath)
+        dirnames[:] = [] if len(here.relative_to(path).parts) >= 5 else [d for d in dirnames if not d.startswith(".")]
+        files += [here / f for f in filenames if Path(f).suffix.lower() in _BUILDERS and not f.startswith(".")]
+    files.sort()
     if not files:
         raise DataError(f"{path}: no .json, .jsonl, .csv or .parquet files found")
     return files

@@ -261,6 +261,13 @@ def test_files_the_project_wrote_cut_short_are_named_in_one_line(reference, tmp_
     with pytest.raises(CorruptFile, match=r"train/metrics\.json: cannot be read back"):
         build_summary(run_dir)
 
+    from qlora_helpers.evaluate import read_generations
+
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "generations.jsonl").write_text('{"prompt": "2 + 2?", "reference": "4"}\n{"prompt": "3 +')
+    with pytest.raises(CorruptFile, match=r"eval/generations\.jsonl: cannot be read back"):
+        read_generations(run_dir)
+
     _cut(run_dir / "config.json")
     assert main(["train", "--run-dir", str(run_dir)]) == 2
     assert f"{run_dir / 'config.json'}: cannot be read back" in last_error_line(capsys.readouterr().err)

@@ -13,9 +13,11 @@ import time
 
 import pytest
 
+from qlora_helpers import Stage, build_config
 from qlora_helpers.config import ConfigError
 from qlora_helpers.runlock import ENV, RunDirBusy, acquire, release
 from qlora_helpers.stage import start_stage
+from qlora_helpers.train import resume_checkpoint
 
 from conftest import REPO
 
@@ -126,9 +128,14 @@ def test_training_by_hand_holds_the_directory_until_it_ends(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     proc = holder(run_dir, "training", call="hold")
+    writing = run_dir / "train" / "checkpoints" / "checkpoint-2"
+    writing.mkdir(parents=True)  # the training is writing its checkpoint: incomplete until trainer_state.json
     try:
         with pytest.raises(RunDirBusy, match=r"\(training\)"):
             start_stage("test", {}, str(run_dir))
+        with pytest.raises(RunDirBusy):  # a second training is refused before it touches the checkpoints
+            resume_checkpoint(Stage(build_config("test"), run_dir))
+        assert writing.is_dir()
         done = cli("run", "--profile", "test", "--run-dir", run_dir)
         assert done.returncode == 2 and "(training)" in one_error_line(done.stderr)
     finally:

@@ -11,13 +11,16 @@ from types import SimpleNamespace
 import pytest
 
 from qlora_helpers import Stage, build_config
+from qlora_helpers.checkpoints import newest_complete
 from qlora_helpers.train import TrainingDiverged, metrics_callback, resume_checkpoint
 
 from conftest import REPO
 
 
 def last_checkpoint(run_dir):
-    return resume_checkpoint(Stage(build_config("test"), run_dir))
+    """The newest complete checkpoint, looked at from outside while a run may be writing the next one."""
+    found = newest_complete(Stage(build_config("test"), run_dir), move_aside=False)
+    return str(found) if found else None
 
 
 def _cli(run_dir, *extra):
@@ -73,7 +76,8 @@ def test_an_interrupted_checkpoint_is_not_resumed_from(tmp_path, capsys):
     for step in (2, 4, 6):
         _checkpoint(ckpts / f"checkpoint-{step}", step)
     (ckpts / "checkpoint-6" / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
-    assert last_checkpoint(tmp_path).endswith("checkpoint-4")
+    assert last_checkpoint(tmp_path).endswith("checkpoint-4") and (ckpts / "checkpoint-6").is_dir()  # only looked
+    assert resume_checkpoint(Stage(build_config("test"), tmp_path)).endswith("checkpoint-4")
     assert "checkpoint-6 cannot be resumed from (trainer_state.json missing)" in capsys.readouterr().err
     assert (ckpts / "incomplete-checkpoint-6").is_dir()
     assert last_checkpoint(tmp_path / "nothing") is None
