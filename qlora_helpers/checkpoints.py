@@ -145,9 +145,10 @@ def finished_metrics(stage: Stage, checkpoint: Path, metrics: dict[str, Any]) ->
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     best = state.get("best_model_checkpoint")
     best_folder = checkpoint.with_name(Path(best).name) if best else checkpoint
-    adapter_from_checkpoint(stage, best_folder if best_folder.is_dir() else checkpoint)
-    metrics.update(best_eval_loss=state.get("best_metric"),
-                   best_checkpoint=best_folder.name if best_folder.is_dir() else checkpoint.name,
+    best_folder = best_folder if best_folder.is_dir() else checkpoint
+    metrics.update(best_eval_loss=state.get("best_metric"), best_checkpoint=best_folder.name,
                    tokens_seen=int(state.get("num_input_tokens_seen") or 0))
-    write_json(stage.path("train", "metrics.json"), metrics)
+    if int(os.environ.get("RANK") or 0) == 0:  # under a data-parallel launch, the main process writes
+        adapter_from_checkpoint(stage, best_folder)
+        write_json(stage.path("train", "metrics.json"), metrics)
     return metrics

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import Config, UserError, build_config
 from .runlock import pipeline_lock
-from .runs import REPO_ROOT, default_run_dir, ensure_dir, link_latest, write_text
+from .runs import REPO_ROOT, default_run_dir, ensure_dir, failed_write, link_latest, write_text
 from .sources import absolute_path, check_sources, resolve_paths
 from .stage import check_same_run, check_steps
 
@@ -86,6 +86,8 @@ def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path)
         raise StageFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
                           f"{first[0] if first else ''} (executed notebook: {out})") from None
     except OSError as exc:  # papermill could not write the notebook (a full disk): the previous one is kept
+        if not failed_write(exc):
+            raise
         raise StageFailed(f"{nb.name}: the executed notebook cannot be written ({exc.strerror or exc}); free some "
                           "space and run the same command again (training resumes from its last checkpoint)") from None
     keep_executed(running, out)

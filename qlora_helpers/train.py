@@ -17,7 +17,8 @@ from typing import Any
 
 from .config import UserError
 from .data import load_split
-from .runs import failed_write, memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, replace_dir, write_json, write_text
+from .runs import (failed_write, memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, replace_dir,
+                   write_json, write_text)
 from .stage import Stage
 
 
@@ -392,8 +393,9 @@ def train(stage: Stage, trainer) -> dict[str, Any]:
     try:
         with out_of_memory_advice(stage):
             trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        release_training_lock(stage)
+    except BaseException:
+        release_training_lock(stage)  # save_training gives it back otherwise, once the results are saved
+        raise
     return save_training(stage, trainer, resume_from)
 
 
