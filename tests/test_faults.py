@@ -164,6 +164,50 @@ def test_kills_in_the_middle_of_checkpoint_and_adapter_writes_then_the_run_ends_
     assert not (run_dir / "train" / "checkpoints" / "checkpoint-7").exists()
 
 
+DIE_BEFORE_THE_CONFIG_IS_RENAMED = """
+import os, signal, sys
+_fsync = os.fsync
+def fsync(fd):
+    _fsync(fd)
+    if "config" in os.readlink(f"/proc/self/fd/{fd}"):
+        os.kill(os.getpid(), signal.SIGKILL)  # the new config is whole in its temporary file, not yet renamed
+os.fsync = fsync
+from qlora_helpers import start_stage
+start_stage("test", {"train.max_steps": 8}, sys.argv[1])
+"""
+CONFIG_WRITER = """
+import sys
+from qlora_helpers import build_config
+from qlora_helpers.runs import save_config
+configs = [build_config("test", {"data.system_prompt": "x" * 200_000}), build_config("test")]
+print("writing", flush=True)
+for i in range(10**6):
+    save_config(configs[i % 2], sys.argv[1])
+"""
+
+
+def test_sigkills_while_config_json_is_written_leave_the_old_one_or_the_new_one(tmp_path):
+    from qlora_helpers.stage import start_stage
+
+    run_dir = tmp_path / "run"
+    start_stage("test", {}, str(run_dir))
+    killed = subprocess.run([sys.executable, "-c", DIE_BEFORE_THE_CONFIG_IS_RENAMED, str(run_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert load_config(run_dir).train.max_steps == 4  # the old one, whole
+    assert start_stage("test", {"train.max_steps": 8}, str(run_dir)).cfg.train.max_steps == 8
+
+    rng = random.Random(int(os.environ.get("QLORA_FAULT_SEED", "18")))
+    for _ in range(5):  # a 200 kB config rewritten in a loop, killed at random moments
+        proc = subprocess.Popen([sys.executable, "-c", CONFIG_WRITER, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.wait()
+        assert len(load_config(run_dir).data.system_prompt) in (0, 200_000)
+
+
 def test_random_sigkills_of_training_never_lose_or_repeat_a_step(tmp_path, tiny_llama, reference):  # noqa: F811
     """Uninstrumented kills at random moments (seeded, so a failure can be replayed), then a run to the end."""
     run_dir = tmp_path / "run"
