@@ -15,6 +15,7 @@ from .config import UserError
 from .data import load_tokenizer
 from .model import attach_lora, load_base_model
 from .runs import read_json
+from .sources import check_sources
 from .stage import Stage, stage_from_run_dir
 from .train import build_trainer, train
 
@@ -34,6 +35,7 @@ def train_stage(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"--run-dir {run_dir}: no config.json or data/train.jsonl there; run notebooks 01 and 02 "
                         "on it first (or python -m qlora_helpers run)")
     stage = stage_from_run_dir(run_dir)
+    check_sources(stage.cfg, data=False)  # the data is in data/; the model may be a hub id: fail fast offline
     tokenizer = load_tokenizer(stage)
     model = attach_lora(stage, load_base_model(stage))
     return train(stage, build_trainer(stage, model, tokenizer))
