@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import UserError
 from .data import load_split
+from .runlock import hold, let_go
 from .runs import (failed_write, memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, replace_dir,
                    write_json, write_text)
 from .stage import Stage
@@ -24,20 +25,6 @@ from .stage import Stage
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite: a setting to change (dtype, learning rate), said in one line."""
-
-
-def hold_training_lock(stage: Stage) -> None:
-    """Training by hand (notebook 03, ``python -m qlora_helpers train``) holds the run directory's lock until its
-    adapter and metrics are saved, so a second training or a pipeline there is refused (qlora_helpers.runlock)."""
-    from .runlock import hold
-
-    hold(stage.run_dir, "training")
-
-
-def release_training_lock(stage: Stage) -> None:
-    from .runlock import let_go
-
-    let_go(stage.run_dir)
 
 
 # --------------------------------------------------------------------------- data and length
@@ -145,7 +132,7 @@ def metrics_callback(stage: Stage):
             self.elapsed_before, self.session = 0.0, 1
             if args.process_index != 0:  # under DDP the file is the main process's alone
                 return
-            hold_training_lock(stage)
+            hold(stage.run_dir, "training")  # by hand: kept until the results are saved (runlock)
             log = read_metrics_log(stage.run_dir)
             if log:  # time adds up over every session, the steps a kill made this one train again included
                 self.elapsed_before = max(rec.get("elapsed_s") or 0.0 for rec in log)
@@ -168,7 +155,7 @@ def metrics_callback(stage: Stage):
                 self.last = (now, tokens)
                 loss = logs.get("loss")
                 if loss is not None and not math.isfinite(loss):
-                    release_training_lock(stage)
+                    let_go(stage.run_dir)
                     raise TrainingDiverged(
                         f"training loss became {loss} at step {state.global_step}: likely fp16 overflow "
                         "(try quant.compute_dtype=bfloat16 on a GPU that has it) or a learning rate too high "
@@ -394,7 +381,7 @@ def train(stage: Stage, trainer) -> dict[str, Any]:
         with out_of_memory_advice(stage):
             trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:
-        release_training_lock(stage)  # save_training gives it back otherwise, once the results are saved
+        let_go(stage.run_dir)  # save_training gives it back otherwise, once the results are saved
         raise
     return save_training(stage, trainer, resume_from)
 
@@ -433,7 +420,7 @@ def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, A
     if trainer.is_world_process_zero():  # the adapter and checkpoints are saved by the main process only, too
         replace_dir(tmp, adapter)
         write_json(stage.path("train", "metrics.json"), metrics)
-    release_training_lock(stage)
+    let_go(stage.run_dir)
     return metrics
 
 
