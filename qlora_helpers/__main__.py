@@ -6,6 +6,7 @@ stderr and a non-zero exit, never a traceback. Relative paths mean relative to w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -26,14 +27,13 @@ def _profile(args) -> str:
 def add_run(sub) -> None:
     def run(args) -> int:
         from .config import parse_overrides
-        from .pipeline import StageFailed, resolve_run_request, run_pipeline
+        from .pipeline import resolve_run_request, run_pipeline
 
         cfg, _, overrides, run_dir = resolve_run_request(_profile(args), parse_overrides(args.param), args.run_dir)
         try:
             out = run_pipeline(cfg, overrides, run_dir, kernel=args.kernel)
-        except StageFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"to resume, run the same command with --run-dir {run_dir}") from None
         print(f"[qlora] run finished: {out}/report.md, {out}/summary.json")
         return 0
 
@@ -69,7 +69,7 @@ def add_check_data(sub) -> None:
         from .config import build_config, parse_overrides
         from .data import check_data, check_data_text, load_tokenizer
         from .datafiles import check_source
-        from .sources import resolve_paths
+        from .sources import check_sources, resolve_paths
         from .stage import Stage
 
         overrides = {**parse_overrides(args.param), "data.source": args.path, "model.name": args.model}
@@ -78,6 +78,7 @@ def add_check_data(sub) -> None:
         if args.max_seq_len:
             overrides["data.max_seq_len"] = args.max_seq_len
         stage = Stage(resolve_paths(build_config("embedded", overrides)))
+        check_sources(stage.cfg)  # offline: one line in seconds, not a minute of retries
         source = check_source(stage.cfg)  # a malformed file fails here, before a tokenizer is loaded
         print(check_data_text(check_data(source, stage.cfg, load_tokenizer(stage))))
         return 0
@@ -99,7 +100,7 @@ def add_inspect_model(sub) -> None:
 
         from .config import build_config, parse_overrides
         from .inspect_model import inspect_model, inspect_model_text
-        from .sources import resolve_paths
+        from .sources import check_sources, resolve_paths
         from .stage import Stage, quiet_libraries
 
         quiet_libraries()
@@ -108,6 +109,7 @@ def add_inspect_model(sub) -> None:
             if value:
                 overrides[key] = value
         stage = Stage(resolve_paths(build_config(_profile(args), overrides)))
+        check_sources(stage.cfg, data=False)  # offline: one line in seconds, not a minute of retries
         report = inspect_model(stage, random_weights=args.random_weights)
         print(json.dumps(report, indent=2) if args.json else inspect_model_text(report))
         return 0
@@ -151,18 +153,56 @@ COMMANDS = [add_run, add_profiles, add_check_data, add_inspect_model, add_train]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import UserError
-
     parser = argparse.ArgumentParser(prog="python -m qlora_helpers", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set QLORA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    for command in sub.choices.values():  # `--debug` after the command name works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("QLORA_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # noqa: BLE001 - every way out is one line, unless --debug asks for the traceback
+        if debug or isinstance(exc, SystemExit):
+            raise
+        message, status = one_line(exc, args.command)
+        close_progress_bars()
+        # After Ctrl-C the terminal's cursor sits after "^C": the line starts afresh.
+        print(("\n" if status == 130 else "") + f"error: {message}", file=sys.stderr)
+        return status
+
+
+def close_progress_bars() -> None:
+    """A progress bar left open by the error (training's, evaluation's) would redraw itself after the error line
+    when the process exits; closed first, the error is the last line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
+def one_line(exc: BaseException, command: str) -> tuple[str, int]:
+    """What the user reads when a command stops, and its exit status: 2 for a mistake they can fix (a setting,
+    a file, the disk), 130 for Ctrl-C, 1 for anything else (a bug: --debug shows where)."""
+    from .config import UserError
+    from .runs import failed_write
+
+    if isinstance(exc, KeyboardInterrupt):
+        hint = exc.args[0] if exc.args else "run the same command again to resume" if command == "train" else ""
+        return "interrupted (Ctrl-C)" + (f"; {hint} (training carries on from its last checkpoint)" if hint else ""), 130
+    if isinstance(exc, UserError):
+        return str(exc), 1 if type(exc).__name__ == "StageFailed" else 2
+    if failed_write(exc) and not isinstance(exc, OSError):
+        return f"a file could not be written ({str(exc).strip().splitlines()[0][:160]}): the disk is probably full", 2
+    if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, no permission, a missing file
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror} (errno {exc.errno}); run with --debug for the traceback", 2
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first} (unexpected: run with --debug for the traceback)", 1
 
 
 if __name__ == "__main__":

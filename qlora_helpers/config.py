@@ -35,7 +35,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field("embedded", min_length=1)  # "embedded", a hub dataset id, a local file or folder
+    source: str = Field("embedded", min_length=1, pattern=r"\S")  # "embedded", a hub dataset id, a local file or folder
     split: str = "train"              # split of a hub dataset
     revision: str = ""                # hub dataset revision ("" = default branch)
     format: Literal["auto", "alpaca", "pairs", "chat"] = "auto"
@@ -45,14 +45,14 @@ class DataConfig(_Section):
     system_prompt: str = ""           # optional system message for chat templates
     max_seq_len: int = Field(256, gt=0, le=131072)
     too_long: Literal["drop", "truncate"] = "drop"  # truncate cuts the response
-    train_size: int = Field(1000, gt=0)
-    val_size: int = Field(100, gt=0)
-    embedded_size: int = Field(1600, ge=10)  # examples generated for source=embedded
+    train_size: int = Field(1000, gt=0, le=10**8)
+    val_size: int = Field(100, gt=0, le=10**7)
+    embedded_size: int = Field(1600, ge=10, le=13000)  # examples generated for source=embedded (13,587 distinct exist)
     seed: int = Field(42, ge=0, le=2**32 - 1)
 
 
 class ModelConfig(_Section):
-    name: str = Field("embedded", min_length=1)  # "embedded", a hub id, a local folder, or a .gguf file
+    name: str = Field("embedded", min_length=1, pattern=r"\S")  # "embedded", a hub id, a local folder, or a .gguf file
     revision: str = ""
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
@@ -67,7 +67,7 @@ class QuantConfig(_Section):
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, le=4096)
-    alpha: int = Field(32, gt=0)
+    alpha: int = Field(32, gt=0, le=65536)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str = "all-linear"  # "all-linear" or a comma-separated list of names
     use_rslora: bool = False
@@ -77,34 +77,34 @@ class LoraConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: float = Field(1.0, ge=0.0, le=1000.0)  # passes over the training split; steps follow from the batch
-    max_steps: int = Field(0, ge=0)   # > 0: exactly this many optimizer steps, whatever train.epochs says
-    micro_batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(0, ge=0, le=10**7)   # > 0: exactly this many optimizer steps, whatever train.epochs says
+    micro_batch_size: int = Field(8, gt=0, le=4096)
+    grad_accum: int = Field(1, gt=0, le=65536)
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     optim: str = "auto"               # auto = paged_adamw_8bit on CUDA, adamw_torch on CPU; else a transformers name
     packing: bool = True              # padding-free packing: examples side by side, each attending only to itself
-    packing_row_tokens: int = Field(0, ge=0)  # packed rows of at most this many tokens (0 = one row per micro-batch)
+    packing_row_tokens: int = Field(0, ge=0, le=131072)  # packed rows of at most this many tokens (0 = one row per micro-batch)
     micro_batch_tokens: int = Field(0, ge=0, le=131072)  # > 0: a micro-batch is whole examples up to this many tokens
     torch_compile: bool = False       # compile each decoder layer once (torch.compile, regional); ~1 min at the start
     gradient_checkpointing: bool = False
     use_liger: bool = False           # Liger's fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); CUDA only
-    logging_steps: int = Field(5, gt=0)
-    eval_steps: int = Field(25, gt=0)
-    save_steps: int = Field(25, gt=0)
-    save_total_limit: int = Field(2, gt=0)
-    max_minutes: float = Field(0.0, ge=0.0)  # the whole run's time budget (0 = none); training stops early enough
-    num_processes: int = Field(0, ge=0)  # GPUs to train on, one process each; 0 = every visible GPU, 1 = one
+    logging_steps: int = Field(5, gt=0, le=10**7)
+    eval_steps: int = Field(25, gt=0, le=10**7)
+    save_steps: int = Field(25, gt=0, le=10**7)
+    save_total_limit: int = Field(2, gt=0, le=1000)
+    max_minutes: float = Field(0.0, ge=0.0, le=43200.0)  # the whole run's time budget (0 = none); training stops early enough
+    num_processes: int = Field(0, ge=0, le=1024)  # GPUs to train on, one process each; 0 = every visible GPU, 1 = one
     seed: int = Field(42, ge=0, le=2**32 - 1)
 
 
 class EvalConfig(_Section):
-    max_new_tokens: int = Field(32, gt=0)
-    num_prompts: int = Field(60, gt=0)  # held-out prompts answered by the base and the fine-tuned model
-    batch_size: int = Field(16, gt=0)
-    max_val_examples: int = Field(100, ge=0)  # validation examples for the loss (0 = all)
+    max_new_tokens: int = Field(32, gt=0, le=32768)
+    num_prompts: int = Field(60, gt=0, le=10**6)  # held-out prompts answered by the base and the fine-tuned model
+    batch_size: int = Field(16, gt=0, le=4096)
+    max_val_examples: int = Field(100, ge=0, le=10**7)  # validation examples for the loss (0 = all)
     export_merged: bool = True        # also save the adapter merged into a 16-bit base (RUN_DIR/export/merged)
     export_dtype: Literal["float16", "bfloat16"] = "float16"  # the merged model's dtype
     push_to_hub: str = ""             # hub repo "owner/name" to push the adapter to ("" = no push; token: HF_TOKEN)
@@ -224,8 +224,8 @@ def _explain(error: dict[str, Any], annotation: Any) -> str:
         return f"must be {op} {error['ctx'][name]}, got {value!r}"
     if kind == "finite_number":
         return f"must be a finite number, got {value!r}"
-    if kind == "string_too_short":
-        return "must not be empty"
+    if kind in ("string_too_short", "string_pattern_mismatch"):
+        return "must not be empty or blank"
     names = {"int": "int", "bool": "bool (true/false)", "float": "float", "string": "text"}
     stem = kind.split("_")[0]
     if stem in names:
@@ -271,6 +271,12 @@ def validate(cfg: Config) -> Config:
         if t.micro_batch_tokens < cfg.data.max_seq_len:
             raise ConfigError(f"{keys}={t.micro_batch_tokens} and 'data.max_seq_len'={cfg.data.max_seq_len}: every "
                               "example must fit in one micro-batch; set train.micro_batch_tokens >= data.max_seq_len")
+    if t.packing_row_tokens and not t.packing:
+        raise ConfigError("config keys 'train.packing_row_tokens' and 'train.packing=false': rows are a way of packing; "
+                          "set train.packing=true or train.packing_row_tokens=0")
+    if cfg.data.prompt_column == cfg.data.response_column:
+        raise ConfigError(f"config keys 'data.prompt_column' and 'data.response_column': both are "
+                          f"{cfg.data.prompt_column!r}; the prompt and the response must be different columns")
     if t.save_steps % t.eval_steps:
         raise ConfigError(f"config keys 'train.save_steps'={t.save_steps} and 'train.eval_steps'={t.eval_steps}: "
                           "save_steps must be a multiple of eval_steps (the best checkpoint is chosen by validation loss)")

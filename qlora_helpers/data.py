@@ -19,7 +19,8 @@ import numpy as np
 
 from .config import Config, UserError
 from .datafiles import DataError, RowProblem, Source, check_source, to_turns
-from .runs import write_json, write_text
+from .runlock import writing
+from .runs import atomic_path, write_json, write_text
 from .stage import Stage
 
 IGNORE_INDEX = -100
@@ -211,11 +212,12 @@ def prepare_data(stage: Stage, tokenizer, source: Source | None = None) -> dict[
     cfg, out = stage.cfg, stage.path("data")
     examples, metrics = build_examples(source or check_source(cfg), cfg, tokenizer)
     train, val = split_examples(examples, cfg)
-    for name, part in (("train", train), ("val", val)):
-        write_text(out / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in part))
     metrics.update(train_examples=len(train), val_examples=len(val),
                    train_lengths=length_stats(train), val_lengths=length_stats(val))
-    write_json(out / "metrics.json", metrics)
+    with writing(stage.run_dir, "stage 1 (data)"):
+        for name, part in (("train", train), ("val", val)):
+            write_text(out / f"{name}.jsonl", "".join(json.dumps(e) + "\n" for e in part))
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -268,9 +270,9 @@ def load_tokenizer(stage: Stage):
     try:
         # No clean-up of spaces on decode: it deletes spaces before punctuation in BPE tokenizers' output.
         tok = AutoTokenizer.from_pretrained(stage.model.location, clean_up_tokenization_spaces=False, **stage.model.kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.name '{stage.cfg.model.name}': cannot load its tokenizer "
-                        f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, and the tokenizers library's bare Exception
+        raise UserError(f"model.name '{stage.cfg.model.name}': cannot load its tokenizer ({type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0][:200]})") from None
     keep_pad_off_end_token(tok, end_of_turn_id(tok, stage.cfg.data.template))
     return tok
 
@@ -289,9 +291,11 @@ def plot_lengths(run_dir: str | Path) -> dict[str, str]:
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     fig.tight_layout()
-    fig.savefig(out / "lengths.png", dpi=120)
-    go.Figure(go.Histogram(x=lengths, nbinsx=40)).update_layout(
-        xaxis_title="tokens per example", yaxis_title="examples").write_html(out / "lengths.html", include_plotlyjs="cdn")
+    with atomic_path(out / "lengths.png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    with atomic_path(out / "lengths.html") as tmp:
+        go.Figure(go.Histogram(x=lengths, nbinsx=40)).update_layout(
+            xaxis_title="tokens per example", yaxis_title="examples").write_html(tmp, include_plotlyjs="cdn")
     return {"length_histogram": "report/lengths.png", "length_histogram_html": "report/lengths.html"}
 
 

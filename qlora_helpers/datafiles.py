@@ -1,4 +1,5 @@
-"""Reading the data a person points data.source at, strictly: every file through `datasets`, and any row,
+"""Reading the data a person points data.source at, strictly: every local file read directly (never through the
+`datasets` cache, so nothing is written and nothing is served stale), and any row,
 field or byte that does not fit named by file and row in one line before any model is loaded.
 
 A person's own file (or folder) is validated as it is read: a broken line, a missing column or a number
@@ -11,8 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,21 +91,28 @@ def data_files(path: Path) -> list[Path]:
         if path.suffix.lower() not in _BUILDERS:
             raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .json, .jsonl, .csv or .parquet)")
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):  # hidden folders and more than 5 levels down are not read
+        here = Path(dirpath)
+        dirnames[:] = [] if len(here.relative_to(path).parts) >= 5 else [d for d in dirnames if not d.startswith(".")]
+        files += [here / f for f in filenames if Path(f).suffix.lower() in _BUILDERS and not f.startswith(".")]
+    files.sort()
     if not files:
         raise DataError(f"{path}: no .json, .jsonl, .csv or .parquet files found")
     return files
 
 
 def load_local(files: list[Path], cfg: Config) -> list[dict[str, Any]]:
-    """Read each file with `datasets` and validate it strictly; the first file decides the format."""
+    """Read each file and validate it strictly; the first file decides the format."""
     rows: list[dict[str, Any]] = []
     fmt = None
     for f in files:
         part = read_file(f, cfg)
         fmt = fmt or detect_format(part, cfg, str(f))
-        validate_rows(part, fmt, cfg, RowNamer(f))
+        namer = RowNamer(f)
+        validate_rows(part, fmt, cfg, namer)
+        if namer.kind in ("array", "lines"):
+            _check_one_type_per_field(part, namer)  # as Parquet and the hub's Arrow tables insist
         rows.extend(part)
     return rows
 
@@ -142,63 +150,45 @@ class RowNamer:
         return f"{self.path}: row 1 (the header)" if self.kind == "csv" else self(0)
 
 
-@contextmanager
-def _quiet_datasets():
-    """`datasets` logs its own multi-line error and progress bars; the user gets one line from us instead."""
-    import datasets
-    from datasets.utils import logging as ds_logging
-
-    level, bars = ds_logging.get_verbosity(), datasets.is_progress_bar_enabled()
-    ds_logging.set_verbosity(ds_logging.CRITICAL)
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        ds_logging.set_verbosity(level)
-        if bars:
-            datasets.enable_progress_bars()
-
-
 def read_file(path: Path, cfg: Config) -> list[dict[str, Any]]:
-    """One file through `datasets`; if that fails, find the line or row (and field) to name instead."""
-    if path.stat().st_size == 0 or (path.suffix.lower() != ".parquet" and path.stat().st_size < 65536
-                                     and not path.read_bytes().strip()):
-        raise DataError(f"{path}: the file is empty")
-    import datasets
-
-    kwargs: dict[str, Any] = {}
-    if path.suffix.lower() == ".csv":
-        # A CSV has no types: read every cell as text ("007" stays "007"), an empty cell as "".
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                header = next(csv.reader(f), [])
-        except (UnicodeDecodeError, csv.Error) as exc:
-            _raise_read_error(path, cfg, exc)
-        kwargs = {"features": datasets.Features({name: datasets.Value("string") for name in header}),
-                  "keep_default_na": False}
-    with _quiet_datasets():
-        try:
-            ds = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
-        except Exception as exc:  # whatever pyarrow/pandas raised, the user is told where and what
-            _raise_read_error(path, cfg, exc)
-    return ds.to_list()
-
-
-def _raise_read_error(path: Path, cfg: Config, exc: Exception) -> NoReturn:
-    """`datasets` (pyarrow) says 'changed from string to number in row 1' of some block; re-read the file in
-    plain Python only to name the exact line/row and field, then raise that as one DataError."""
+    """One file's rows, read directly (Python's json and csv, pyarrow for Parquet), never through the `datasets`
+    cache: nothing is written, a file rewritten in place is never served stale, and whatever does not parse is
+    named by line or row (and field). A UTF-8 byte-order mark is accepted in every text format."""
+    try:
+        size = path.stat().st_size
+        if path.suffix.lower() == ".parquet":
+            return _read_parquet(path) if size else _empty(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not data.strip().lstrip(b"\xef\xbb\xbf").strip():
+        _empty(path)
     namer = RowNamer(path)
-    if namer.kind != "parquet":
-        _check_utf8(path, namer)
-        rows = _parse_rows(path, namer, path.read_text(encoding="utf-8-sig"))
-        if not rows:
-            raise DataError(f"{path}: no rows" + (", only a header" if namer.kind == "csv" else ""))
-        if namer.kind != "csv":
-            validate_rows(rows, detect_format(rows, cfg, str(path)), cfg, namer)
-            _check_one_type_per_field(rows, namer)
-    cause = exc.__cause__ or exc
-    message = (str(cause).strip().splitlines() or [""])[0][:200]
-    raise DataError(f"{path}: could not be read as {path.suffix[1:]} ({type(cause).__name__}: {message})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        _check_utf8(path, namer)  # names the line, row and field
+        raise DataError(f"{path}: is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); save the "
+                        "file with UTF-8 encoding") from None
+    rows = _parse_rows(path, namer, text)
+    if not rows:
+        raise DataError(f"{path}: no rows" + (", only a header" if namer.kind == "csv" else ""))
+    return rows
+
+
+def _empty(path: Path) -> NoReturn:
+    raise DataError(f"{path}: the file is empty")
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        message = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: could not be read as parquet ({type(exc).__name__}: {message})") from None
 
 
 def _check_utf8(path: Path, namer: RowNamer) -> None:
@@ -227,16 +217,23 @@ def _check_utf8(path: Path, namer: RowNamer) -> None:
 def _parse_rows(path: Path, namer: RowNamer, text: str) -> list[dict[str, Any]]:
     """The rows of a text file parsed in plain Python, raising a DataError at the first line that does not parse."""
     if namer.kind == "csv":
+        csv.field_size_limit(2**31 - 1)  # a long answer is one field; the default limit is 128 KiB
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         rows: list[dict[str, Any]] = []
         try:
             header = next(reader, [])
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise DataError(f"{path}: row 1 (the header): column {twice[0]!r} appears {header.count(twice[0])} "
+                                "times; give every column its own name")
             for values in reader:
                 if not values:
                     continue
-                if len(values) > len(header):
-                    raise DataError(f"{path}: row {len(rows) + 2}: {len(values)} values but the header has {len(header)} "
-                                    "columns (put a value that holds a comma in double quotes)")
+                if len(values) != len(header):
+                    hint = ("put a value that holds a comma in double quotes" if len(values) > len(header)
+                            else "every row needs a value, empty or not, for every column")
+                    raise DataError(f"{path}: row {len(rows) + 2}: {len(values)} values but the header has "
+                                    f"{len(header)} columns ({hint})")
                 rows.append(dict(zip(header, values)))
         except csv.Error as err:
             raise DataError(f"{path}: row {len(rows) + 2}: not valid CSV ({err})") from None
@@ -260,12 +257,23 @@ def _parse_rows(path: Path, namer: RowNamer, text: str) -> list[dict[str, Any]]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
+            _one_object(path, text)
             raise DataError(f"{path}: line {number}: not valid JSON{_near_field(line, err.pos)} "
                             f"({err.msg} at column {err.colno})") from None
         if not isinstance(item, dict):
             raise DataError(f"{path}: line {number}: expected one JSON object per line, got {describe_value(item)}")
         rows.append(item)
     return rows
+
+
+def _one_object(path: Path, text: str) -> None:
+    """A .json file that holds one object (of arrays, say) rather than rows: say so rather than 'line 2'."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    raise DataError(f"{path}: expected a JSON array of objects, or one object per line (JSON Lines); got "
+                    f"{describe_value(whole)}" + (f" with keys {', '.join(list(whole)[:5])}" if isinstance(whole, dict) else ""))
 
 
 def _near_field(text: str, pos: int) -> str:
@@ -377,6 +385,23 @@ def _text(mapping: dict[str, Any], key: str, field: str = "", optional: bool = F
     return value
 
 
+def _check_turn_order(turns: list[dict[str, str]]) -> None:
+    """A conversation alternates user and assistant, starting with the user (after one optional system message)
+    and ending with the assistant's answer, which is what it trains on; chat templates assume this order."""
+    start = 1 if turns[0]["role"] == "system" else 0
+    for j, turn in enumerate(turns[start:], start):
+        expected = "user" if (j - start) % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            after = f"after a '{turns[j - 1]['role']}' message" if j else "first"
+            raise RowProblem("bad_messages", f"messages[{j}].role", f"is '{turn['role']}' {after}; turns must alternate "
+                             "user, assistant (one system message may come first)")
+    if len(turns) == start:
+        raise RowProblem("bad_messages", "messages", "has no user message before the assistant's answer")
+    if turns[-1]["role"] != "assistant":
+        raise RowProblem("bad_messages", "messages", f"ends with a '{turns[-1]['role']}' message; the last one must be "
+                         "the assistant's answer")
+
+
 def to_turns(row: dict[str, Any], fmt: str, cfg: Config) -> tuple[list[dict[str, str]], str, str]:
     """(prompt messages, response, instruction text for the Alpaca template), or raise RowProblem."""
     if fmt == "alpaca":
@@ -398,10 +423,6 @@ def to_turns(row: dict[str, Any], fmt: str, cfg: Config) -> tuple[list[dict[str,
         if m.get("role") not in CHAT_ROLES:
             raise RowProblem("bad_messages", f"messages[{j}].role", f"is {m.get('role')!r}, expected one of {', '.join(CHAT_ROLES)}")
         turns.append({"role": m["role"], "content": _text(m, "content", f"messages[{j}].content")})
-    if turns[-1]["role"] != "assistant":
-        raise RowProblem("bad_messages", "messages", f"ends with a '{turns[-1]['role']}' message; the last one must be "
-                         "the assistant's answer")
-    last_user = next((m["content"] for m in reversed(turns[:-1]) if m["role"] == "user"), None)
-    if last_user is None:
-        raise RowProblem("bad_messages", "messages", "has no user message before the assistant's answer")
+    _check_turn_order(turns)
+    last_user = turns[-2]["content"]
     return turns[:-1], turns[-1]["content"], last_user + "\x00"

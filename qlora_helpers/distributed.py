@@ -11,22 +11,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, UserError
+from .config import UserError
 from .data import load_tokenizer
 from .model import attach_lora, load_base_model
 from .runs import read_json
+from .sources import check_sources
 from .stage import Stage, stage_from_run_dir
 from .train import build_trainer, train
 
 
 def data_parallel_processes(stage: Stage) -> int:
     """How many processes train: train.num_processes GPUs (0 = every visible one), or 1 without two GPUs."""
-    gpus = stage.hw.get("gpu_count", 0)
-    wanted = stage.cfg.train.num_processes
-    if wanted > max(gpus, 1):
-        raise ConfigError(f"config key 'train.num_processes': {wanted} processes, but this machine has {gpus} GPUs "
-                          "(one process per GPU); set 0 for all of them or 1")
-    return wanted or max(gpus, 1)
+    from .hardware import check_processes
+
+    return check_processes(stage.cfg.train.num_processes, stage.hw)
 
 
 def train_stage(run_dir: str | Path) -> dict[str, Any]:
@@ -37,6 +35,7 @@ def train_stage(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"--run-dir {run_dir}: no config.json or data/train.jsonl there; run notebooks 01 and 02 "
                         "on it first (or python -m qlora_helpers run)")
     stage = stage_from_run_dir(run_dir)
+    check_sources(stage.cfg, data=False)  # the data is in data/; the model may be a hub id: fail fast offline
     tokenizer = load_tokenizer(stage)
     model = attach_lora(stage, load_base_model(stage))
     return train(stage, build_trainer(stage, model, tokenizer))

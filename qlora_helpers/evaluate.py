@@ -163,8 +163,13 @@ def evaluate_run(stage: Stage, model, tokenizer) -> dict[str, Any]:
 
 
 def read_generations(run_dir: str | Path) -> list[dict[str, Any]]:
+    from .runs import CorruptFile
+
     path = Path(run_dir) / "eval" / "generations.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    try:
+        return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptFile(f"{path}: cannot be read back; run notebook 04 again") from None
 
 
 def marked(row: dict[str, Any], label: str) -> str:

@@ -57,3 +57,37 @@ def choose_compute_dtype(requested: str, hw: dict[str, Any]) -> str:
     if hw["bf16"]:
         return "bfloat16"
     return "float16" if hw["device"] == "cuda" else "float32"
+
+
+# --------------------------------------------------------------------------- settings this machine cannot train with
+def check_liger(use_liger: bool, hw: dict[str, Any]) -> None:
+    """Liger's kernels are Triton kernels: CUDA only, and a separate package."""
+    import importlib.util
+
+    if not use_liger:
+        return
+    if hw["device"] != "cuda":
+        raise ConfigError("train.use_liger=true needs a CUDA GPU (Liger's kernels are Triton kernels); "
+                          "set train.use_liger=false on this machine")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.use_liger=true needs the liger-kernel package: pip install --no-deps liger-kernel==0.8.5")
+
+
+def check_processes(wanted: int, hw: dict[str, Any]) -> int:
+    """How many processes train: train.num_processes GPUs (0 = every visible one), or 1 without two GPUs."""
+    gpus = hw.get("gpu_count", 0)
+    if wanted > max(gpus, 1):
+        raise ConfigError(f"config key 'train.num_processes': {wanted} processes, but this machine has {gpus} GPUs "
+                          "(one process per GPU); set 0 for all of them or 1")
+    return wanted or max(gpus, 1)
+
+
+def check_machine(cfg, hw: dict[str, Any]) -> None:
+    """Every setting that training on this machine would refuse, checked when a run starts (no model loaded):
+    bf16 without bf16 hardware, Liger without CUDA, more processes than GPUs, FlexAttention on the CPU."""
+    choose_compute_dtype(cfg.quant.compute_dtype, hw)
+    check_liger(cfg.train.use_liger, hw)
+    check_processes(cfg.train.num_processes, hw)
+    if cfg.model.attn_implementation == "flex_attention" and hw["device"] != "cuda":
+        raise ConfigError("config key 'model.attn_implementation': flex_attention has no backward pass on the CPU "
+                          "(torch refuses to train with it); use sdpa on this machine")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,15 @@ def load_base_model(stage: Stage, quantization=True, location: str | None = None
             attn_implementation=stage.cfg.model.attn_implementation, **kwargs)
     except OSError as exc:
         raise UserError(f"model.name '{stage.cfg.model.name}': cannot load ({str(exc).strip().splitlines()[0][:200]})") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"model.name '{stage.cfg.model.name}': its weights are a pickle (pytorch_model*.bin) holding more "
+                        "than tensors, which torch refuses to load because unpickling can run code; use a copy of the "
+                        "model in safetensors format") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"model.name '{stage.cfg.model.name}': a weights file cannot be read ({str(exc)[:200]}); "
+                        "it may have been cut short: download it again") from None
     model.config.use_cache = False
     keep_cpu_4bit_layers_trainable(model)
     return model

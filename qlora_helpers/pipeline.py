@@ -1,6 +1,8 @@
 """Run the numbered notebooks in order with papermill, one fresh kernel each, into one run directory."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -8,14 +10,16 @@ from typing import Any
 
 from .budget import begin_session
 from .config import Config, UserError, build_config
-from .runs import REPO_ROOT, default_run_dir, link_latest
-from .sources import absolute_path, resolve_paths
+from .runlock import pipeline_lock
+from .runs import REPO_ROOT, default_run_dir, ensure_dir, failed_write, link_latest, write_text
+from .sources import absolute_path, check_sources, resolve_paths
+from .stage import check_same_run, check_steps
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
-class StageFailed(RuntimeError):
-    pass
+class StageFailed(UserError):
+    """A notebook failed: which one, in which cell, with which error (its executed notebook is kept)."""
 
 
 def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -30,6 +34,7 @@ def resolve_run_request(profile: str, overrides: dict[str, Any], run_dir: str | 
     profile = absolute_path(profile, base) if profile.endswith((".yaml", ".yml")) else profile
     cfg = build_config(profile, overrides)  # fail here, in a second, not inside a notebook
     resolved = resolve_paths(cfg, base)
+    check_sources(resolved)  # the hub cannot be reached and is needed: say so before a run directory is made
     overrides = dict(overrides)
     for key in ("data.source", "model.name"):
         if resolved.flat()[key] != cfg.flat()[key]:
@@ -41,28 +46,112 @@ def resolve_run_request(profile: str, overrides: dict[str, Any], run_dir: str | 
 def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, kernel: str = "python3",
                  notebook_dir: str | Path | None = None) -> Path:
     """Execute each notebook; stop at the first failure, naming the notebook, cell and error.
-    ``notebook_dir``: where the notebooks are when not in this checkout (a Kaggle dataset)."""
+    ``notebook_dir``: where the notebooks are when not in this checkout (a Kaggle dataset).
+
+    Before any notebook runs, the run directory is checked (a folder, the same settings as before, no fewer
+    steps than trained) and locked for the whole run: a refused run changes nothing on disk."""
+    run_dir = Path(run_dir).resolve()
+    check_same_run(cfg, run_dir)
+    check_steps(cfg, run_dir)
+    ensure_dir(run_dir)
+    with pipeline_lock(run_dir):
+        check_same_run(cfg, run_dir)  # again, now that no other run can change it
+        check_steps(cfg, run_dir)
+        ensure_dir(run_dir / "notebooks")
+        link_latest(run_dir)
+        begin_session(run_dir)  # this process owns the session: the time budget counts from now for every notebook
+        params = {"PROFILE": cfg.profile, "OVERRIDES": dict(overrides), "RUN_DIR": str(run_dir)}
+        notebook_dir = Path(notebook_dir or NOTEBOOK_DIR)
+        for nb in notebooks(notebook_dir):
+            print(f"[qlora] {nb.name} ...", flush=True)
+            t0 = time.time()
+            execute(nb, run_dir / "notebooks" / nb.name, params, kernel, notebook_dir)
+            print(f"[qlora] {nb.name} done in {time.time() - t0:.0f}s", flush=True)
+    return run_dir
+
+
+def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path) -> None:
+    """One notebook through papermill. papermill writes the executed notebook as it goes, in place; here it
+    writes into notebooks/.running/ and the result is moved over the previous one when the notebook ends (also
+    when it fails, with its error cell), so a kill or a full disk never leaves a notebook cut short."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    run_dir = Path(run_dir).resolve()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir}: exists and is not a folder")
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    link_latest(run_dir)
-    begin_session(run_dir)  # this process owns the session: the budget counts from now for every notebook
-    params = {"PROFILE": cfg.profile, "OVERRIDES": dict(overrides), "RUN_DIR": str(run_dir)}
-    notebook_dir = Path(notebook_dir or NOTEBOOK_DIR)
-    for nb in notebooks(notebook_dir):
-        out = run_dir / "notebooks" / nb.name
-        print(f"[qlora] {nb.name} ...", flush=True)
-        t0 = time.time()
+    running = ensure_dir(out.parent / ".running") / out.name
+    try:
+        interruptible(lambda: pm.execute_notebook(
+            str(nb), str(running), parameters=params, kernel_name=kernel, cwd=str(cwd), progress_bar=False,
+            log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr))
+    except PapermillExecutionError as exc:
+        keep_executed(running, out)
+        first = (exc.evalue or "").strip().splitlines()
+        raise StageFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
+                          f"{first[0] if first else ''} (executed notebook: {out})") from None
+    except OSError as exc:  # papermill could not write the notebook (a full disk): the previous one is kept
+        if not failed_write(exc):
+            raise
+        raise StageFailed(f"{nb.name}: the executed notebook cannot be written ({exc.strerror or exc}); free some "
+                          "space and run the same command again (training resumes from its last checkpoint)") from None
+    keep_executed(running, out)
+
+
+def interruptible(work) -> None:
+    """Run papermill where Ctrl-C can stop it. In the main thread, nbclient takes SIGINT for itself and, between
+    cells, swallows it: the run went on as if nothing had been pressed. In a worker thread it cannot, so Ctrl-C
+    reaches this thread, which interrupts the notebook's kernel (the running cell stops with KeyboardInterrupt),
+    kills it if it lingers, and raises KeyboardInterrupt for the command line to say how to resume."""
+    import threading
+
+    done, outcome = threading.Event(), {}
+
+    def run() -> None:
         try:
-            pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=str(notebook_dir),
-                                progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
-        except PapermillExecutionError as exc:
-            first = (exc.evalue or "").strip().splitlines()
-            raise StageFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
-                              f"{first[0] if first else ''} (executed notebook: {out})") from None
-        print(f"[qlora] {nb.name} done in {time.time() - t0:.0f}s", flush=True)
-    return run_dir
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed over to the main thread as it is
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="papermill").start()
+    try:
+        while not done.wait(0.2):  # not Thread.join: an interrupted join can report a live thread as ended
+            pass
+    except KeyboardInterrupt:
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            for pid in kernel_processes():
+                try:
+                    os.killpg(pid, sig)
+                except OSError:
+                    pass
+            if done.wait(10):
+                break
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def kernel_processes() -> list[int]:
+    """This process's children that lead their own session: the notebook kernels jupyter_client started (Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.parent.name)
+        if int(fields[1]) == os.getpid() and int(fields[3]) == pid:  # parent is us, session id is its own pid
+            found.append(pid)
+    return found
+
+
+def keep_executed(running: Path, out: Path) -> None:
+    """Move a notebook papermill finished writing into place (its recorded output path corrected)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(running, as_version=4)
+    except Exception:  # cut short: keep the previous executed notebook
+        return
+    nb.metadata.get("papermill", {})["output_path"] = str(out)
+    write_text(out, nbformat.writes(nb))
+    running.unlink(missing_ok=True)

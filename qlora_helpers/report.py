@@ -10,7 +10,7 @@ from typing import Any
 
 from .data import plot_lengths
 from .evaluate import SIDE_BY_SIDE_LEGEND, marked, read_generations
-from .runs import environment, load_config, read_json, write_json, write_text
+from .runs import atomic_path, environment, load_config, read_json, write_json, write_text
 from .train import read_metrics_log
 
 NM = "not measured"
@@ -42,14 +42,16 @@ def plot_loss(run_dir: Path) -> dict[str, str]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     pfig = go.Figure()
     if train:
         pfig.add_scatter(x=[s for s, _ in train], y=[l for _, l in train], name="training loss")
     if val:
         pfig.add_scatter(x=[s for s, _ in val], y=[l for _, l in val], name="validation loss", mode="lines+markers")
     pfig.update_layout(xaxis_title="optimizer step", yaxis_title="loss")
-    pfig.write_html(out / "loss.html", include_plotlyjs="cdn")
+    with atomic_path(out / "loss.html") as tmp:
+        pfig.write_html(tmp, include_plotlyjs="cdn")
     return {"loss_plot": "report/loss.png", "loss_plot_html": "report/loss.html"}
 
 

@@ -11,11 +11,13 @@ import os
 import platform
 import resource
 import secrets
+import shutil
 import sys
 import time
 from datetime import datetime
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import Config, UserError, config_from_dict
 from .places import kaggle_working, on_kaggle
@@ -29,20 +31,68 @@ class CorruptFile(UserError):
 
 
 # --------------------------------------------------------------------------- files
+class WriteFailed(UserError):
+    """A file could not be written (a full disk, no permission); the old file, if any, is left as it was."""
+
+
+def _write_failed(path: Path, exc: OSError) -> WriteFailed:
+    return WriteFailed(f"{path}: cannot be written ({exc.strerror or exc}); the previous version, if any, is kept. "
+                       "Free some space (or fix the permission) and run the same command again: it carries on "
+                       "from the last checkpoint")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a library that writes a file itself (matplotlib, plotly, papermill);
+    renamed over ``path`` when the block ends without an error, removed otherwise."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_failed(path, exc) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def failed_write(exc: BaseException) -> bool:
+    """A full disk (or a file-size limit) as each writer reports it: an OSError, safetensors' own error, or torch.save's
+    RuntimeError from its zip writer."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(exc)
+    return (type(exc).__name__ == "SafetensorError" and "I/O error" in text) or \
+        (isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text))
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write atomically: a temporary file beside the target, flushed to disk, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+
+def replace_dir(tmp: str | Path, target: str | Path) -> None:
+    """Swap a folder written beside its target in whole (a kill leaves the old folder or the new one, and at
+    worst the old one under a temporary name, which the next swap removes)."""
+    tmp, target = Path(tmp), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except OSError as exc:
+        raise _write_failed(target, exc) from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -56,6 +106,8 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         return default
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFile(f"{path}: cannot be read back ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                           "it was probably cut short by a kill or a full disk: delete it and run the stage "
@@ -84,8 +136,30 @@ def runs_root() -> Path:
 
 
 def default_run_dir() -> Path:
-    """A new folder under runs/: the time to the second and a random suffix, so two runs never share one."""
-    return runs_root() / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """A new folder under runs/, created here: the time to the second and a random suffix, made with an exclusive
+    mkdir, so two runs started in the same second never share one."""
+    root = runs_root()
+    ensure_dir(root, "runs folder")
+    while True:
+        path = root / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"run directory {path}: cannot be created ({exc.strerror or exc})") from None
+
+
+def ensure_dir(path: Path, what: str = "run directory") -> Path:
+    """Make a folder (and its parents), or say in one line why it cannot be one."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot be created ({exc.strerror or exc})") from None
+    return path
 
 
 def link_latest(path: Path) -> None:

@@ -326,22 +326,48 @@ def is_hub_id(value: str) -> bool:
     return bool(HUB_ID.fullmatch(value)) and not looks_like_a_path(value) and not Path(value).expanduser().exists()
 
 
-def hub_sources(cfg: Config) -> list[str]:
+def hub_ids(cfg: Config, data: bool = True) -> list[str]:
+    """The config keys that name a hub repo not attached under /kaggle/input (in the hub cache or not)."""
+    keys = []
+    if cfg.model.name != "embedded" and is_hub_id(cfg.model.name) and not kaggle_input_model(cfg.model.name):
+        keys.append("model.name")
+    if data and cfg.data.source != "embedded" and is_hub_id(cfg.data.source) and not kaggle_input_dataset(cfg.data.source):
+        keys.append("data.source")
+    return keys
+
+
+def hub_sources(cfg: Config, data: bool = True) -> list[str]:
     """The config keys whose source would have to come from the hub now: a hub id that is neither attached
     under /kaggle/input nor in the hub cache."""
-    needed = []
-    model, data = cfg.model.name, cfg.data.source
-    if model != "embedded" and is_hub_id(model) and not kaggle_input_model(model) and not in_hub_cache(model, "model"):
-        needed.append("model.name")
-    if data != "embedded" and is_hub_id(data) and not kaggle_input_dataset(data) and not in_hub_cache(data, "dataset"):
-        needed.append("data.source")
-    return needed
+    repo_type = {"model.name": "model", "data.source": "dataset"}
+    return [key for key in hub_ids(cfg, data) if not in_hub_cache(cfg.flat()[key], repo_type[key])]
 
 
-def check_sources(cfg: Config) -> None:
-    """Stop at once, with what to do, when a source needs the hub and the hub cannot be reached."""
-    needed = hub_sources(cfg)
-    if not needed or hub_reachable():
+def go_offline() -> None:
+    """Make huggingface_hub, transformers and datasets use their caches only, in this process and the ones it
+    starts: offline, each lookup of a file that is not cached would otherwise retry for 25-90 s before failing
+    (library_apis.md Q7). The libraries read these flags at call time; datasets copies its own at import."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    ds_config = sys.modules.get("datasets.config")
+    if ds_config is not None:
+        ds_config.HF_HUB_OFFLINE = True
+
+
+def check_sources(cfg: Config, data: bool = True) -> None:
+    """Every command and notebook comes here before it touches a source: when a source is a hub id and the hub
+    cannot be reached (checked once, in 3 s at most), the libraries are switched to their caches, and a source
+    that is not cached stops here with what to do instead of minutes of retries. ``data=False``: the model only."""
+    if not hub_ids(cfg, data) or hub_reachable():
+        return
+    go_offline()
+    needed = hub_sources(cfg, data)
+    if not needed:
         return
     what = " and ".join(f"{key} '{cfg.flat()[key]}'" for key in needed)
     attach = []

@@ -12,9 +12,12 @@ from typing import Any
 
 from .adopt import continue_attached_run, writable_run_dir
 from .budget import begin_session
-from .config import Config, UserError, config_from_params, same_settings
-from .hardware import choose_compute_dtype, device_of, hardware
-from .runs import CONFIG_FILE, default_run_dir, latest_run_dir, link_latest, load_config, save_config
+from .config import Config, ConfigError, UserError, config_from_params, same_settings
+from .hardware import check_machine, choose_compute_dtype, device_of, hardware
+from .runlock import writing
+from .runs import (CONFIG_FILE, default_run_dir, ensure_dir, latest_run_dir, link_latest, load_config, read_json,
+                   save_config)
+from .secrets import HOW_TO_PROVIDE, hf_token
 from .sources import ModelSource, check_sources, model_source, resolve_paths
 
 # Keys a later session may change on an existing run directory without making it another run: how long to
@@ -80,6 +83,42 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
                         "use a new RUN_DIR or the same profile and overrides")
 
 
+def steps_done(run_dir: Path) -> int:
+    """The step of the newest checkpoint-N folder (its contents are checked when training resumes)."""
+    folder = run_dir / "train" / "checkpoints"
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in folder.glob("checkpoint-*")
+             if p.name.rsplit("-", 1)[1].isdigit()] if folder.is_dir() else []
+    return max(steps, default=0)
+
+
+def check_steps(cfg: Config, run_dir: Path) -> None:
+    """train.max_steps may grow on an existing run (it trains further), not fall below the steps trained."""
+    done = steps_done(run_dir)
+    if cfg.train.max_steps and done > cfg.train.max_steps:
+        raise UserError(f"train.max_steps={cfg.train.max_steps}, but run directory {run_dir} has trained {done} "
+                        f"steps already (checkpoint-{done}); raise train.max_steps to train further, or use a new RUN_DIR")
+
+
+def training_done(cfg: Config, run_dir: Path) -> bool:
+    metrics = read_json(run_dir / "train" / "metrics.json", {}) or {}
+    if not isinstance(metrics.get("steps"), int):
+        return False
+    if cfg.train.max_steps:
+        return metrics["steps"] >= cfg.train.max_steps
+    return (metrics.get("epochs") or 0) >= cfg.train.epochs - 1e-9
+
+
+def check_run(stage: "Stage") -> None:
+    """What a run directory and this machine must allow before any stage works: the same settings as before,
+    no fewer steps than trained, and (while training is still to come) settings this machine can train with."""
+    check_same_run(stage.cfg, stage.run_dir)
+    check_steps(stage.cfg, stage.run_dir)
+    if not training_done(stage.cfg, stage.run_dir):
+        check_machine(stage.cfg, stage.hw)
+    if stage.cfg.eval.push_to_hub.strip() and hf_token() is None:  # notebook 04 would refuse to push
+        raise ConfigError(f"config key 'eval.push_to_hub': pushing needs a Hugging Face token: {HOW_TO_PROVIDE}")
+
+
 def quiet_libraries() -> None:
     """bitsandbytes warns on every CPU load that an optional kernels package is missing: noise for a reader."""
     import logging
@@ -100,15 +139,15 @@ def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None)
     cfg = resolve_paths(config_from_params(profile, overrides))
     check_sources(cfg)  # no internet and nothing attached: stop here, saying what to do
     path = resolve_run_dir(run_dir)
-    check_same_run(cfg, path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError, PermissionError) as exc:
-        raise UserError(f"run directory {path}: cannot be created ({exc.strerror or exc})") from None
-    save_config(cfg, path)
+    stage = Stage(cfg, path)
+    check_run(stage)  # before anything is written: a refused run changes nothing
+    ensure_dir(path)
+    with writing(path, "a notebook run by hand"):  # a no-op under the pipeline, which holds the lock already
+        check_run(stage)  # again, now that no other run can change the directory
+        save_config(cfg, path)
     link_latest(path)
     begin_session(path)  # the time budget counts from the first stage of this session
-    return Stage(cfg, path)
+    return stage
 
 
 def stage_from_run_dir(run_dir: str | Path) -> Stage:

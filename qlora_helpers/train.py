@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, UserError
+from .config import UserError
 from .data import load_split
-from .runs import memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, write_json
+from .runlock import hold, let_go
+from .runs import (failed_write, memory_snapshot, peak_gpu_reserved_gib, peak_rss_gib, read_json, replace_dir,
+                   write_json, write_text)
 from .stage import Stage
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: a setting to change (dtype, learning rate), said in one line."""
 
 
 # --------------------------------------------------------------------------- data and length
@@ -128,16 +131,10 @@ def training_arguments(stage: Stage, n_train: int, world: int | None = None):
 
 
 def check_liger(stage: Stage) -> None:
-    """Liger's kernels are Triton kernels: CUDA only, and a separate package."""
-    import importlib.util
+    """Liger's kernels are Triton kernels: CUDA only, and a separate package (checked when the run starts, too)."""
+    from .hardware import check_liger as check
 
-    if not stage.cfg.train.use_liger:
-        return
-    if stage.hw["device"] != "cuda":
-        raise ConfigError("train.use_liger=true needs a CUDA GPU (Liger's kernels are Triton kernels); "
-                          "set train.use_liger=false on this machine")
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("train.use_liger=true needs the liger-kernel package: pip install --no-deps liger-kernel==0.8.5")
+    check(stage.cfg.train.use_liger, stage.hw)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -152,18 +149,17 @@ def metrics_callback(stage: Stage):
     class MetricsJsonl(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time()
-            self.elapsed_before = 0.0
             self.tokens_at_start = state.num_input_tokens_seen
             self.last = (time.time(), state.num_input_tokens_seen)
+            self.elapsed_before, self.session = 0.0, 1
             if args.process_index != 0:  # under DDP the file is the main process's alone
                 return
-            kept = []
-            for rec in read_metrics_log(stage.run_dir):
-                if rec["step"] <= state.global_step:
-                    kept.append(json.dumps(rec))
-                    self.elapsed_before = max(self.elapsed_before, rec.get("elapsed_s") or 0.0)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(line + "\n" for line in kept))
+            hold(stage.run_dir, "training")  # by hand: kept until the results are saved (runlock)
+            log = read_metrics_log(stage.run_dir)
+            if log:  # time adds up over every session, the steps a kill made this one train again included
+                self.elapsed_before = max(rec.get("elapsed_s") or 0.0 for rec in log)
+                self.session = max(rec.get("session") or 1 for rec in log) + 1
+            write_text(path, "".join(json.dumps(rec) + "\n" for rec in log if rec["step"] <= state.global_step))
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -181,6 +177,7 @@ def metrics_callback(stage: Stage):
                 self.last = (now, tokens)
                 loss = logs.get("loss")
                 if loss is not None and not math.isfinite(loss):
+                    let_go(stage.run_dir)
                     raise TrainingDiverged(
                         f"training loss became {loss} at step {state.global_step}: likely fp16 overflow "
                         "(try quant.compute_dtype=bfloat16 on a GPU that has it) or a learning rate too high "
@@ -188,7 +185,7 @@ def metrics_callback(stage: Stage):
             per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * max(1, args.world_size)
             rec.update(tokens_seen=tokens, examples_seen=state.global_step * per_step,
                        peak_gpu_reserved_gib=peak_gpu_reserved_gib(), peak_rss_gib=peak_rss_gib(),
-                       elapsed_s=round(self.elapsed_before + now - self.t0, 2))
+                       elapsed_s=round(self.elapsed_before + now - self.t0, 2), session=self.session)
             if args.process_index == 0:
                 with open(path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -281,17 +278,50 @@ def training_callbacks(stage: Stage) -> list:
 
 # --------------------------------------------------------------------------- resuming
 def resume_checkpoint(stage: Stage) -> str | None:
-    """The newest checkpoint that was written completely. transformers' get_last_checkpoint returns the newest
-    checkpoint-N folder whatever it holds; the Trainer writes trainer_state.json last, so a folder without it
-    is one a kill interrupted, and the one before it is taken instead."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    """The newest checkpoint the Trainer can resume from exactly (qlora_helpers.checkpoints): a newer one that a
+    kill or a full disk cut short, or that lacks the optimizer or scheduler state, is set aside with a warning
+    naming it, never resumed half."""
+    from .checkpoints import newest_complete
 
-    folder = stage.path("train", "checkpoints")
-    found = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.rsplit("-", 1)[-1].isdigit()] if folder.is_dir() else []
-    for checkpoint in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
-        if (checkpoint / "trainer_state.json").is_file():
-            return str(checkpoint)
-    return None
+    found = newest_complete(stage)
+    return str(found) if found else None
+
+
+def finished_training(stage: Stage, n_train: int, world: int | None = None) -> dict[str, Any] | None:
+    """The metrics of a run that has trained all its steps already, reported instead of trained again (the
+    Trainer, resumed at its last step, would train one more); None when there is training left to do. A
+    train.max_steps (or train.epochs) below the steps done is a one-line error, not a silent extra step."""
+    from .checkpoints import check_not_past, finished_metrics, newest_complete
+
+    checkpoint = newest_complete(stage)
+    done, total = checkpoint_step(checkpoint), total_steps(stage, n_train, world)
+    check_not_past(stage, total, done, checkpoint)
+    if done != total:
+        return None
+    metrics = read_train_metrics(stage.run_dir)
+    if metrics.get("steps") != done or not stage.path("adapter", "adapter_config.json").exists():
+        # Killed after the last checkpoint, before the adapter and metrics were saved: both from the checkpoints.
+        t = stage.cfg.train
+        examples = done * t.micro_batch_size * t.grad_accum * (world or 1)
+        metrics = finished_metrics(stage, Path(checkpoint), {
+            "steps": done, "max_steps": total, "processes": world or 1, "resumed_from_step": done,
+            "stopped_by_time_budget": False, "examples_seen": examples, "epochs": round(examples / max(1, n_train), 4),
+            **whole_run_numbers(stage.run_dir), "tokens_per_s": None, "packing": t.packing,
+            "optim": resolve_optim(t.optim, stage.hw["device"]), "compute_dtype": stage.compute_dtype})
+    print(f"[qlora] {stage.run_dir} has trained all {total} steps already (train/metrics.json): reported, not "
+          "trained again; raise train.max_steps or train.epochs to train further")
+    return metrics
+
+
+def whole_run_numbers(run_dir: str | Path) -> dict[str, Any]:
+    """From train/metrics.jsonl, over every session of the run: the mean logged training loss of the steps the
+    adapter went through (each once), the training time (every session's, also for steps a kill made the next
+    session train again) and how many sessions it took."""
+    log = read_metrics_log(run_dir)
+    losses = [r["loss"] for r in log if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
+    return {"train_loss": round(sum(losses) / len(losses), 4) if losses else None,
+            "wall_s": round(max((r.get("elapsed_s") or 0.0 for r in log), default=0.0), 2),
+            "sessions": max((r.get("session") or 1 for r in log), default=1)}
 
 
 def _cpu_storages_load_on_cpu() -> None:
@@ -314,8 +344,8 @@ def _cpu_storages_load_on_cpu() -> None:
 _CPU_N_REGISTERED = False
 
 
-def checkpoint_step(checkpoint: str | None) -> int | None:
-    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+def checkpoint_step(checkpoint: str | Path | None) -> int | None:
+    return int(str(checkpoint).rsplit("-", 1)[-1]) if checkpoint else None
 
 
 # --------------------------------------------------------------------------- the stage
@@ -347,7 +377,7 @@ def connect_callbacks(trainer) -> None:
 
 @contextmanager
 def out_of_memory_advice(stage: Stage):
-    """An out-of-memory error during training becomes one line saying which settings to lower."""
+    """Out of GPU memory, or out of disk for a checkpoint, during training: one line saying what to change."""
     import torch
 
     try:
@@ -359,24 +389,37 @@ def out_of_memory_advice(stage: Stage):
             f"train.micro_batch_size (now {t.micro_batch_size}) and raise train.grad_accum, lower "
             f"data.max_seq_len (now {stage.cfg.data.max_seq_len}), or set train.gradient_checkpointing=true; "
             "running again resumes from the last checkpoint") from None
+    except Exception as exc:
+        if not failed_write(exc):
+            raise
+        raise UserError(f"training could not write to {stage.path('train')} ({str(exc).strip().splitlines()[0][:160]}): "
+                        "the disk is probably full; free some space and run again: training resumes from the last "
+                        "complete checkpoint") from None
 
 
 def train(stage: Stage, trainer) -> dict[str, Any]:
-    """Train (resuming from the newest complete checkpoint), save the best adapter, write metrics."""
+    """Train (resuming from the newest complete checkpoint), save the best adapter, write metrics; a run that
+    has trained all its steps already is reported, not trained again."""
+    done = finished_training(stage, len(trainer.train_dataset), trainer.args.world_size)
+    if done is not None:
+        return done
     resume_from = resume_checkpoint(stage)
-    with out_of_memory_advice(stage):
-        trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with out_of_memory_advice(stage):
+            trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        let_go(stage.run_dir)  # save_training gives it back otherwise, once the results are saved
+        raise
     return save_training(stage, trainer, resume_from)
 
 
 def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, Any]:
-    """After trainer.train(): the best adapter (by validation loss) to RUN_DIR/adapter, and train/metrics.json
-    with whole-run numbers (steps, examples and tokens seen, wall time over every session)."""
-    trainer.save_model(str(stage.path("adapter")))
+    """After trainer.train(): the best adapter (by validation loss) to RUN_DIR/adapter, swapped in whole, and
+    train/metrics.json with whole-run numbers (steps, examples, tokens, loss and wall time over every session)."""
+    adapter = stage.path("adapter")
+    tmp = adapter.with_name(f".adapter.{os.getpid()}.tmp")
+    trainer.save_model(str(tmp))
     state, args = trainer.state, trainer.args
-    log = read_metrics_log(stage.run_dir)
-    losses = [r["loss"] for r in log if r["kind"] == "train" and r.get("loss") is not None]
-    wall = max((r.get("elapsed_s") or 0.0 for r in log), default=0.0)
     session = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "MetricsJsonl"), None)
     session_s = time.time() - session.t0 if session else None
     session_tokens = state.num_input_tokens_seen - (session.tokens_at_start if session else 0)
@@ -395,9 +438,8 @@ def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, A
         "examples_seen": examples_seen,
         "epochs": round(examples_seen / max(1, n_train), 4),
         "tokens_seen": int(state.num_input_tokens_seen),
-        "wall_s": round(wall, 2),
-        "tokens_per_s": round(session_tokens / session_s, 1) if session_s else None,
-        "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
+        **whole_run_numbers(stage.run_dir),
+        "tokens_per_s": round(session_tokens / session_s, 1) if session_s else None,  # this session's speed
         "best_eval_loss": state.best_metric,
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         "packing": stage.cfg.train.packing,
@@ -406,7 +448,9 @@ def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, A
         "memory": memory_snapshot(),
     }
     if trainer.is_world_process_zero():  # the adapter and checkpoints are saved by the main process only, too
+        replace_dir(tmp, adapter)
         write_json(stage.path("train", "metrics.json"), metrics)
+    let_go(stage.run_dir)
     return metrics
 
 
@@ -414,11 +458,13 @@ def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """train/metrics.jsonl; a last line that a kill cut short is skipped."""
     path = Path(run_dir) / "train" / "metrics.jsonl"
     out = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
+    for line in (path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []):
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
     return out
 
 

@@ -1,5 +1,6 @@
 """`check-data` and the strict checks on a person's own data files (qlora_helpers.datafiles.check_source)."""
 import json
+import os
 import shutil
 
 import pytest
@@ -176,3 +177,64 @@ def test_a_column_of_mixed_types_is_named_even_if_the_format_does_not_use_it(tmp
     path.write_text('{"id": 1, "instruction": "Hi", "output": "Hello"}\n{"id": "two", "instruction": "Yo", "output": "Hey"}\n')
     with pytest.raises(DataError, match=r"ids\.jsonl: line 2: field 'id' is text but line 1 has a number"):
         source_of(path)
+
+
+# --------------------------------------------------------------------------- every source alike (issue 18)
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_a_byte_order_mark_is_accepted_in_every_text_format(tmp_path):
+    rows = [{"instruction": "Say yes.", "output": "Yes."}]
+    bom = b"\xef\xbb\xbf"
+    for name, body in (("a.json", json.dumps(rows).encode()), ("a.jsonl", json.dumps(rows[0]).encode() + b"\n"),
+                       ("a.csv", b"instruction,output\r\nSay yes.,Yes.\r\n")):
+        assert source_of(_write(tmp_path / name, bom + body)).rows == rows, name
+
+
+RAGGED = [
+    ("dup.csv", b"instruction,output,output\nHi,Hello,Hey\n", "row 1 (the header): column 'output' appears 2 times"),
+    ("short.csv", b"instruction,input,output\nHi,Hello\n", "row 2: 2 values but the header has 3 columns"),
+    ("long.csv", b"instruction,output\nHi,Hello,there\n", "row 2: 3 values but the header has 2 columns"),
+    ("latin1.jsonl", b'{"instruction": "caf\xe9", "output": "ok"}\n', "line 1: field 'instruction' is not UTF-8"),
+    ("latin1.json", b'[{"instruction": "caf\xe9", "output": "ok"}]', "field 'instruction' is not UTF-8"),
+    ("object.json", b'{"data": [{"instruction": "Hi", "output": "Hello"}]}', "cannot tell the format from columns ['data']"),
+    ("object2.json", b'{\n "data": [{"instruction": "Hi", "output": "Hello"}]\n}', "expected a JSON array of objects"),
+    ("order.jsonl", json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"},
+                                            {"role": "assistant", "content": "Hello"}]}).encode() + b"\n",
+     "line 1: field 'messages[1].role' is 'user' after a 'user' message; turns must alternate"),
+]
+
+
+@pytest.mark.parametrize("name, data, message", RAGGED, ids=[r[0] for r in RAGGED])
+def test_malformed_sources_are_one_error_each_whatever_the_format(tmp_path, name, data, message):
+    with pytest.raises(DataError) as err:
+        source_of(_write(tmp_path / name, data))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_turns_out_of_order_in_hub_data_are_a_counted_drop(smol_tokenizer):
+    from qlora_helpers.data import build_examples
+    from qlora_helpers.datafiles import Source
+
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi"},
+                          {"role": "user", "content": "?"}, {"role": "assistant", "content": "Hello"}]}]
+    _, summary = build_examples(Source(rows, "hub dataset x", "chat"), build_config("test"), smol_tokenizer)
+    assert summary["rows_kept"] == 1 and summary["dropped_by_reason"]["bad_messages"] == 1
+
+
+def test_a_file_rewritten_with_the_same_size_and_time_is_read_again(tmp_path):
+    path = _write(tmp_path / "qa.jsonl", json.dumps({"instruction": "2 + 2?", "output": "4"}).encode() + b"\n")
+    stat = path.stat()
+    assert source_of(path).rows[0]["output"] == "4"
+    _write(path, json.dumps({"instruction": "2 + 3?", "output": "5"}).encode() + b"\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert source_of(path).rows[0]["output"] == "5"
+
+
+def test_a_blank_source_is_refused(capfd):
+    code, _, err = check(capfd, " ")
+    assert code == 2 and "config key 'data.source': must not be empty or blank" in err

@@ -37,6 +37,13 @@ def test_stage_one_reads_the_attached_copy_and_says_so(tmp_path, monkeypatch):
 
 @pytest.fixture
 def offline(monkeypatch):
+    """No hub. check_sources then switches the libraries to their caches (environment and module flags): all
+    of it is put back after the test."""
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
     monkeypatch.setattr(sources, "hub_reachable", lambda: False)
     monkeypatch.setattr(sources, "in_hub_cache", lambda repo_id, repo_type: False)
     monkeypatch.setattr(sources, "kaggle_input_model", lambda name: None)

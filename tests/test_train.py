@@ -11,13 +11,16 @@ from types import SimpleNamespace
 import pytest
 
 from qlora_helpers import Stage, build_config
+from qlora_helpers.checkpoints import newest_complete
 from qlora_helpers.train import TrainingDiverged, metrics_callback, resume_checkpoint
 
 from conftest import REPO
 
 
 def last_checkpoint(run_dir):
-    return resume_checkpoint(Stage(build_config("test"), run_dir))
+    """The newest complete checkpoint, looked at from outside while a run may be writing the next one."""
+    found = newest_complete(Stage(build_config("test"), run_dir), move_aside=False)
+    return str(found) if found else None
 
 
 def _cli(run_dir, *extra):
@@ -55,13 +58,28 @@ def test_sigkill_during_training_then_the_same_command_resumes(tmp_path):
     assert evals == sorted(set(evals)) == [2, 4, 6, 8, 10]
 
 
-def test_an_interrupted_checkpoint_is_not_resumed_from(tmp_path):
+def _checkpoint(folder, step):
+    """The files a resumed Trainer reads back, as it writes them (trainer_state.json last)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text("{}")
+    torch.save({}, folder / "optimizer.pt")
+    torch.save({}, folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_an_interrupted_checkpoint_is_not_resumed_from(tmp_path, capsys):
     ckpts = tmp_path / "train" / "checkpoints"
-    for step, complete in ((2, True), (4, True), (6, False)):
-        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
-        if complete:
-            (ckpts / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert last_checkpoint(tmp_path).endswith("checkpoint-4")
+    for step in (2, 4, 6):
+        _checkpoint(ckpts / f"checkpoint-{step}", step)
+    (ckpts / "checkpoint-6" / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
+    assert last_checkpoint(tmp_path).endswith("checkpoint-4") and (ckpts / "checkpoint-6").is_dir()  # only looked
+    assert resume_checkpoint(Stage(build_config("test"), tmp_path)).endswith("checkpoint-4")
+    assert "checkpoint-6 cannot be resumed from (trainer_state.json missing)" in capsys.readouterr().err
+    assert (ckpts / "incomplete-checkpoint-6").is_dir()
     assert last_checkpoint(tmp_path / "nothing") is None
 
 
