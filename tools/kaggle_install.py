@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import importlib.util
 import json
 import re
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REQUIREMENTS = "requirements-kaggle.txt"
 PACKAGE = "qlora-helpers"
+MODULE = "qlora_helpers"
 # Never installed by the kernel, whatever a requirements file says: the running kernel and CUDA stack.
 PROTECTED = ("torch", "torchvision", "torchaudio", "triton", "ipykernel", "ipython", "jupyter-client",
              "jupyter-core", "tornado", "traitlets", "pyzmq", "nbformat", "nbclient", "nbconvert", "papermill",
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.expect_version}: attach the matching dataset version (or rebuild it with "
                          "make kaggle-dataset and upload it with kaggle datasets version)")
     before = installed()
+    # Its metadata can be visible while the package itself is not importable from this interpreter (an
+    # editable install made for another environment): then it counts as missing and is installed here.
+    unimportable = normalize(PACKAGE) in before and importlib.util.find_spec(MODULE) is None
+    if unimportable:
+        del before[normalize(PACKAGE)]
     wheels = wheels_for(folder, pins(reqs))
     offline = all(wheels.values()) and not args.use_index
     print(f"[qlora] {image_identity()}; Python {sys.version.split()[0]}; torch {before.get('torch', 'not installed')}")
@@ -167,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             pip += ["--dry-run", "--report", str(args.dry_run)]
         run_pip(pip)
+        if unimportable and not args.dry_run:  # pip took the visible metadata for an installed copy
+            run_pip(pip[:5] + ["--no-deps", "--ignore-installed", str(package[-1])])
     if args.dry_run:
         plan = json.loads(Path(args.dry_run).read_text())["install"]
         print("[qlora] would install: " + (", ".join(f"{i['metadata']['name']} {i['metadata']['version']}"
