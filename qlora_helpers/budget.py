@@ -84,13 +84,16 @@ def after_training_estimate(cfg: Config, params_total: int | None) -> dict[str, 
     batches = math.ceil(ev.num_prompts / ev.batch_size)
     val_examples = min(ev.max_val_examples or cfg.data.val_size, cfg.data.val_size)
     weights = 2.0 * (params_total or 0)  # 16-bit bytes, as read from disk and as written merged
-    loads = 1 + (3 if ev.export_merged else 0)  # evaluation's 4-bit load; the merge base, reference, merged
+    # evaluation's 4-bit load and the adapter on the plain base; with a merge: the merge base, the unmerged
+    # reference, the merged model, the base of the other merged form
+    loads = 2 + (4 if ev.export_merged else 0)
     parts = {
         # base and fine-tuned: answers to the held-out prompts, and the validation loss
         "evaluation_answers_s": 2 * batches * ev.max_new_tokens / DECODE_STEPS_PER_S_4BIT,
         "evaluation_loss_s": 2 * val_examples * cfg.data.max_seq_len / FORWARD_TOKENS_PER_S_4BIT,
-        # the merged model checked against base + adapter: both answer every held-out prompt
-        "export_answers_s": (2 * batches * ev.max_new_tokens / DECODE_STEPS_PER_S_16BIT) if ev.export_merged else 0.0,
+        # every form that can ship answers every held-out prompt: the adapter on the plain base; with a merge,
+        # the unmerged reference, the merged model and the other merged form
+        "export_answers_s": (1 + (3 if ev.export_merged else 0)) * batches * ev.max_new_tokens / DECODE_STEPS_PER_S_16BIT,
         "model_loads_and_writes_s": (loads + (1 if ev.export_merged else 0)) * weights / DISK_BYTES_PER_S,
         "fixed_s": FIXED_S,
     }

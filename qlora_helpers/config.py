@@ -107,6 +107,9 @@ class EvalConfig(_Section):
     max_val_examples: int = Field(100, ge=0, le=10**7)  # validation examples for the loss (0 = all)
     export_merged: bool = True        # also save the adapter merged into a 16-bit base (RUN_DIR/export/merged)
     export_dtype: Literal["float16", "bfloat16"] = "float16"  # the merged model's dtype
+    # the weights the adapter is merged into: "dequantized" = the NF4 weights it was trained against, in 16-bit
+    # (scores what evaluation measured); "original" = the exact 16-bit base weights (it never saw them)
+    merge_into: Literal["dequantized", "original"] = "dequantized"
     push_to_hub: str = ""             # hub repo "owner/name" to push the adapter to ("" = no push; token: HF_TOKEN)
 
 

@@ -2,43 +2,50 @@
 
 * The adapter alone (``RUN_DIR/adapter``, written by training): a few MB of safetensors plus
   ``adapter_config.json``; loads with ``PeftModel.from_pretrained`` onto the ordinary, unquantized base.
-* A merged 16-bit model (``RUN_DIR/export/merged``): the adapter added into a 16-bit copy of the base,
-  saved with its tokenizer, for servers that know nothing of PEFT or bitsandbytes. It is never merged
-  into the 4-bit weights: re-quantizing ``W + BA`` to NF4 rounds away much of the small update and
-  ties the result to bitsandbytes.
+* A merged 16-bit model (``RUN_DIR/export/merged``): the adapter added into 16-bit base weights, saved with
+  its tokenizer and a model card, for servers that know nothing of PEFT or bitsandbytes. By default
+  (``eval.merge_into: dequantized``) the weights are the dequantized NF4 ones the adapter was trained against,
+  so the merged model answers as the evaluated 4-bit model did; ``original`` merges into the exact 16-bit
+  weights, which the adapter never saw. It is never merged back into 4-bit: re-quantizing ``W + BA`` to NF4
+  rounds away much of the small update and ties the result to bitsandbytes.
 * Optionally the adapter on the Hugging Face Hub (``eval.push_to_hub``), with the token from
   :func:`qlora_helpers.secrets.hf_token`, never shown.
 
-The merged model is checked against what it replaces, base + adapter unmerged, on the held-out prompts:
-greedy answers and logits. On a CPU both are compared in float32, so that nothing but the 16-bit
-rounding of the merged weights separates them. That rounding is not nothing: the update ``BA`` is small
-next to ``W``, and bfloat16 (8 significant bits) rounds away a visible part of it; float16 (11 bits) keeps
-it, which is why ``eval.export_dtype`` defaults to float16.
+The merged model is checked against what it replaces, the same base weights with the adapter unmerged, on
+the held-out prompts: greedy answers and logits. On a CPU both are compared in float32, so that nothing but
+the 16-bit rounding of the merged weights separates them; float16 (11 significant bits) keeps far more of the
+small update ``BA`` than bfloat16 (8), which is why ``eval.export_dtype`` defaults to float16. Then every form
+a user can ship is scored on the same prompts (qlora_helpers.artifacts).
 """
 from __future__ import annotations
 
 import gc
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+from .artifacts import EVALUATED, evaluated_scores, merged_form, model_card, score_form, shipped_form
 from .config import UserError
 from .data import load_tokenizer
-from .evaluate import generate, held_out_prompts, score
+from .evaluate import generate, held_out_prompts, read_generations
 from .model import load_base_model
-from .runs import memory_snapshot, write_json
+from .runs import memory_snapshot, read_json, write_json, write_text
 from .stage import Stage
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_DIR = Path("export") / "merged"
 # Prompts whose logits are compared position by position (all prompts' greedy answers are compared).
 LOGIT_PROMPTS = 8
-# The merge passes when it moves logits away from base + adapter by less than this share of how far the
-# adapter moves them from the base: a merge that lost the update (share ~1) or doubled it fails.
+# The merge passes when it moves logits away from the unmerged model by less than this share of how far the
+# adapter moves them from the base: a merge that lost the update, or doubled it, is at 100%. It cannot be much
+# tighter, because the merged weights are stored in 16-bit: W + (alpha/r)·BA rounded to float16 loses a visible
+# part of the small update even though W itself is exact (measured on the test profile's 2-step adapter: 28%,
+# where rounding the base alone to float16 moves the logits by 0.2% as much).
 MAX_SHARE_OF_ADAPTER_EFFECT = 0.5
-# ... or by less than this, whatever the adapter's effect (an adapter that barely changed the model).
+# ... or by less than this, whatever the adapter's effect (an adapter that barely changed the model): it
+# changes any token's probability by at most a factor exp(2 * 0.1), about 1.2.
 LOGIT_NOISE_FLOOR = 0.1
-
 
 class HubTokenMissing(UserError):
     """eval.push_to_hub names a repository but no token was found."""
@@ -69,13 +76,34 @@ def load_unquantized(stage: Stage, dtype: str, path: str | None = None):
     return model
 
 
-def base_plus_adapter(stage: Stage, dtype: str):
-    """Unquantized base with the trained adapter attached, not merged: the reference for the merge."""
-    from peft import PeftModel
+def load_dequantized(stage: Stage, dtype: str):
+    """The base quantized exactly as in training, then dequantized (transformers' ``model.dequantize()``) into
+    plain ``dtype`` weights: the NF4-rounded values the adapter was trained against, as an ordinary model."""
+    import torch
 
-    model = PeftModel.from_pretrained(load_unquantized(stage, dtype), str(adapter_dir(stage)))
+    model = load_base_model(stage).dequantize(dtype=getattr(torch, dtype))
+    model.to(getattr(torch, dtype))  # the layers that were never quantized (embeddings, norms) too
     model.eval()
     return model
+
+
+def merge_base(stage: Stage, into: str | None = None, dtype: str | None = None):
+    """The 16-bit weights the adapter is merged into: eval.merge_into ("dequantized" or "original") in
+    eval.export_dtype, unless given, on this process's device."""
+    into, dtype = into or stage.cfg.eval.merge_into, dtype or stage.cfg.eval.export_dtype
+    return load_dequantized(stage, dtype) if into == "dequantized" else load_unquantized(stage, dtype)
+
+
+def with_adapter(stage: Stage, base):
+    """``base`` with the trained adapter attached, not merged."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir(stage))).eval()
+
+
+def base_plus_adapter(stage: Stage, dtype: str, into: str = "original"):
+    """The adapter on the ``into`` base weights, unmerged: what a merge into them must reproduce."""
+    return with_adapter(stage, merge_base(stage, into, dtype))
 
 
 def _names(target_modules: list[str] | str | None) -> list[str]:
@@ -87,30 +115,24 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def merge_base(stage: Stage):
-    """The 16-bit weights the adapter is merged into (eval.export_dtype), unquantized, on this process's device."""
-    return load_unquantized(stage, stage.cfg.eval.export_dtype)
-
-
 def save_merged(stage: Stage, merged, started: float | None = None) -> dict[str, Any]:
     """Save a merged model (``merge_and_unload``'s result) with its tokenizer to RUN_DIR/export/merged."""
     out = stage.path(str(MERGED_DIR))
     merged.config.use_cache = True  # the shared loader turns the KV cache off for training; users generate
     merged.save_pretrained(str(out))
     load_tokenizer(stage).save_pretrained(str(out))
-    info = {"path": str(MERGED_DIR), "dtype": stage.cfg.eval.export_dtype, "bytes": _dir_bytes(out)}
+    info = {"path": str(MERGED_DIR), "dtype": stage.cfg.eval.export_dtype, "merged_into": stage.cfg.eval.merge_into,
+            "bytes": _dir_bytes(out)}
     if started is not None:
         info["wall_s"] = round(time.time() - started, 2)
     return info
 
 
 def merge_adapter(stage: Stage) -> dict[str, Any]:
-    """Merge the adapter into the 16-bit base and save it: what notebook 04 does in its own cells."""
-    from peft import PeftModel
-
+    """Merge the adapter into the eval.merge_into base and save it: what notebook 04 does in its own cells."""
     t0 = time.time()
     # safe_merge checks every merged weight for NaN/inf before it replaces the original.
-    merged = PeftModel.from_pretrained(merge_base(stage), str(adapter_dir(stage))).merge_and_unload(safe_merge=True)
+    merged = with_adapter(stage, merge_base(stage)).merge_and_unload(safe_merge=True)
     info = save_merged(stage, merged, t0)
     del merged
     gc.collect()
@@ -150,48 +172,94 @@ def _divergence(model, prompt_ids: list[int], reference: list[int], own: list[in
     return {"position": at, "margin": round((logits[own[at]] - logits[reference[at]]).item(), 5)}
 
 
-def verify_merged(stage: Stage) -> dict[str, Any]:
-    """Does the merged 16-bit model answer like base + adapter? Loads one model at a time (a merged Phi-3
-    next to its reference would not fit a T4), compares greedy answers on every held-out prompt and
-    logits along the first few answers, and how far the adapter moves those logits from the base, so a
-    merge that lost the update shows. A differing answer is accepted only where it parts at a near-tie."""
-    t0 = time.time()
-    dtype = "float32" if stage.hw["device"] == "cpu" else stage.cfg.eval.export_dtype
-    tokenizer = load_tokenizer(stage)
-    examples, prompts, stop_ids = held_out_prompts(stage, tokenizer)
-
-    reference = base_plus_adapter(stage, dtype)
-    ref_answers, prompt_ids, ref_logits = _greedy_with_logits(reference, tokenizer, prompts, stage, stop_ids)
-    with reference.disable_adapter():
-        base_logits = [answer_logits(reference, p, a["token_ids"]) for p, a in zip(prompt_ids, ref_answers)]
-    del reference
+def _unmerged_pass(stage: Stage, into: str, dtype: str, tokenizer, prompts: list[str], stop_ids: list[int], reference: bool):
+    """The adapter on the ``into`` base weights, unmerged: its greedy answers and, when it is the merge's
+    ``reference``, its logits along its first answers with the adapter on and off (how far the adapter moves them)."""
+    model = base_plus_adapter(stage, dtype, into)
+    answers, prompt_ids, logits = _greedy_with_logits(model, tokenizer, prompts, stage, stop_ids)
+    base_logits = None
+    if reference:
+        with model.disable_adapter():
+            base_logits = [answer_logits(model, p, a["token_ids"]) for p, a in zip(prompt_ids, answers)]
+    del model
     gc.collect()
+    return answers, prompt_ids, logits, base_logits
 
-    merged = load_unquantized(stage, dtype, path=str(stage.path(str(MERGED_DIR))))
-    merged_answers, _, merged_logits = _greedy_with_logits(merged, tokenizer, prompts, stage, stop_ids, teacher=ref_answers)
-    error, effect = _max_abs_diff(merged_logits, ref_logits), _max_abs_diff(ref_logits, base_logits)
-    differing = {i: _divergence(merged, tokenizer(prompts[i], add_special_tokens=False)["input_ids"],
+
+def _check(stage: Stage, dtype: str, tokenizer, prompts: list[str], stop_ids: list[int], reference: tuple):
+    """The saved merged model against its unmerged reference: greedy answers on every prompt, logits along
+    the reference's first answers. A differing answer is accepted only where it parts at a near-tie."""
+    ref_answers, prompt_ids, ref_logits, base_logits = reference
+    model = load_unquantized(stage, dtype, path=str(stage.path(str(MERGED_DIR))))
+    answers, _, logits = _greedy_with_logits(model, tokenizer, prompts, stage, stop_ids, teacher=ref_answers)
+    error, effect = _max_abs_diff(logits, ref_logits), _max_abs_diff(ref_logits, base_logits)
+    differing = {i: _divergence(model, tokenizer(prompts[i], add_special_tokens=False)["input_ids"],
                                 ref_answers[i]["token_ids"], m["token_ids"])
-                 for i, m in enumerate(merged_answers) if m["token_ids"] != ref_answers[i]["token_ids"]}
-    del merged
+                 for i, m in enumerate(answers) if m["token_ids"] != ref_answers[i]["token_ids"]}
+    del model
     gc.collect()
-
     tolerance = max(MAX_SHARE_OF_ADAPTER_EFFECT * effect, LOGIT_NOISE_FLOOR)
     # Both logits at a divergence can each move by up to `error`, so a margin below 2 * error is a near-tie.
     near_ties = {i: d for i, d in differing.items() if d["margin"] <= 2 * error}
-    return {
+    return answers, {
+        "reference": f"the unmerged adapter on the {stage.cfg.eval.merge_into} base weights",
         "compared_in": dtype, "prompts": len(prompts), "greedy_identical": len(prompts) - len(differing),
         "near_ties": [{"prompt": i, **d} for i, d in near_ties.items()],
         "differing_beyond_ties": [{"prompt": i, **d} for i, d in differing.items() if i not in near_ties],
         "logit_prompts": len(ref_logits), "max_abs_logit_diff": round(error, 5),
         "adapter_effect_max_abs_logit": round(effect, 5), "tolerance": round(tolerance, 5),
+        "tolerance_share": MAX_SHARE_OF_ADAPTER_EFFECT, "tolerance_floor": LOGIT_NOISE_FLOOR,
+        "max_probability_factor": round(math.exp(2 * error), 4),
+        "stored_as": stage.cfg.eval.export_dtype,
         "passed": error <= tolerance and len(near_ties) == len(differing),
-        "merged_scores": score(merged_answers, examples, checkable=all(e.get("task") for e in examples)),
-        "wall_s": round(time.time() - t0, 2),
     }
 
 
+def check_and_score(stage: Stage, merged: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Check the saved merged model against the adapter unmerged on the same base weights, and score every form
+    a user can ship on the held-out prompts (qlora_helpers.artifacts.FORMS), one model in memory at a time (a
+    16-bit Phi-3 next to another would not fit a T4). On a CPU everything runs in float32, so the 16-bit
+    rounding of the merged weights is all that separates a merged model from its reference."""
+    import torch
+
+    t0, cfg = time.time(), stage.cfg
+    dtype = "float32" if stage.hw["device"] == "cpu" else cfg.eval.export_dtype
+    tokenizer = load_tokenizer(stage)
+    examples, prompts, stop_ids = held_out_prompts(stage, tokenizer)
+    gens = read_generations(stage.run_dir)
+    evaluated = [g["finetuned"] for g in gens] if len(gens) == len(prompts) else None
+    scores: dict[str, Any] = {}
+    done = evaluated_scores(read_json(stage.run_dir / "eval" / "metrics.json", {}), len(prompts))
+    if done:
+        scores[EVALUATED] = done
+    into = cfg.eval.merge_into if merged else None
+
+    answers, *rest = _unmerged_pass(stage, "original", dtype, tokenizer, prompts, stop_ids, reference=into == "original")
+    scores["original+adapter"] = score_form(answers, examples, evaluated)
+    check = None
+    if merged:
+        reference = (answers, *rest) if into == "original" else \
+            _unmerged_pass(stage, into, dtype, tokenizer, prompts, stop_ids, reference=True)
+        answers, check = _check(stage, dtype, tokenizer, prompts, stop_ids, reference)
+        scores[merged_form(into)] = score_form(answers, examples, evaluated)
+        # The other merged form, not saved: merged in eval.export_dtype as it would ship, answering in `dtype`.
+        other = "original" if into == "dequantized" else "dequantized"
+        model = with_adapter(stage, merge_base(stage, other)).merge_and_unload().to(getattr(torch, dtype))
+        answers, _ = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, stop_ids)
+        del model
+        gc.collect()
+        scores[merged_form(other)] = score_form(answers, examples, evaluated)
+    forms = {"prompts": len(prompts), "compared_in": dtype, "shipped": shipped_form(bool(merged), cfg.eval.merge_into),
+             "scores": scores, "wall_s": round(time.time() - t0, 2)}
+    return check, forms
+
+
 # --------------------------------------------------------------------------- the hub
+def hub_id(name: str) -> str | None:
+    """model.name when it names a model on the hub (not a local folder, a GGUF file or the embedded model)."""
+    return name if "/" in name and not Path(name).expanduser().exists() and not name.endswith(".gguf") else None
+
+
 def stage_for_hub(stage: Stage, adapter: Path, staging: Path) -> Path:
     """A copy of the adapter fit to publish: without ``training_args.bin`` (a pickle of the Trainer's
     settings, unsafe to load and not needed), and naming the base model by its hub id when the run
@@ -202,8 +270,8 @@ def stage_for_hub(stage: Stage, adapter: Path, staging: Path) -> Path:
     out = staging / "adapter"
     shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("training_args.bin"))
     cfg = stage.cfg
-    name = cfg.model.name
-    if "/" in name and not Path(name).expanduser().exists() and not name.endswith(".gguf"):
+    name = hub_id(cfg.model.name)
+    if name:
         config_path = out / "adapter_config.json"
         adapter_cfg = json.loads(config_path.read_text())
         adapter_cfg["base_model_name_or_path"] = name
@@ -266,23 +334,28 @@ def export_run(stage: Stage) -> dict[str, Any]:
 
 
 def finish_export(stage: Stage, merged: dict[str, Any] | None) -> dict[str, Any]:
-    """After the merge (``merged``: what save_merged returned, or None): check the merged model against base +
-    adapter, push the adapter if asked, and write RUN_DIR/export/metrics.json."""
+    """After the merge (``merged``: what save_merged returned, or None): check the merged model, score every
+    form that can ship, write the merged model's card, push the adapter if asked, and write
+    RUN_DIR/export/metrics.json."""
     import json
 
     run_dir, adapter = stage.run_dir, adapter_dir(stage)
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    check, forms = check_and_score(stage, merged)
     metrics: dict[str, Any] = {
         "adapter": {"path": "adapter", "bytes": _dir_bytes(adapter), "base_model": adapter_cfg.get("base_model_name_or_path"),
                     "r": adapter_cfg.get("r"), "lora_alpha": adapter_cfg.get("lora_alpha"),
                     "target_modules": _names(adapter_cfg.get("target_modules"))},
-        "merged": merged, "verification": verify_merged(stage) if merged else None, "hub": None,
+        "merged": merged, "verification": check, "forms": forms, "hub": None,
     }
     metrics["memory"] = memory_snapshot()
     write_json(run_dir / "export" / "metrics.json", metrics)  # kept even if the check or the push fails
-    check = metrics["verification"]
+    if merged:
+        write_text(run_dir / MERGED_DIR / "README.md",
+                   model_card(metrics, stage.model.description, hub_id(stage.cfg.model.name), merged["merged_into"],
+                              merged["dtype"], run_dir.name))
     if check and not check["passed"]:
-        raise ExportMismatch(f"the merged model does not reproduce base + adapter (max |logit diff| "
+        raise ExportMismatch(f"the merged model does not reproduce {check['reference']} (max |logit diff| "
                              f"{check['max_abs_logit_diff']}, tolerance {check['tolerance']}; "
                              f"{len(check['differing_beyond_ties'])} answers differ beyond a near-tie): do not use "
                              f"{run_dir / MERGED_DIR}; details in {run_dir / 'export' / 'metrics.json'}")
@@ -295,14 +368,16 @@ def export_table(metrics: dict[str, Any]):
     """What was exported, where, and whether the merge was verified: a DataFrame for the notebook."""
     import pandas as pd
 
+    from .artifacts import logit_check_sentence
+
     merged, check, hub = metrics.get("merged"), metrics.get("verification"), metrics.get("hub")
     rows = [("adapter", metrics["adapter"]["path"], f"{metrics['adapter']['bytes'] / 2**20:.1f} MiB",
              "loads onto the unquantized base: PeftModel.from_pretrained(base, adapter)")]
     if merged:
-        rows.append(("merged model", merged["path"], f"{merged['bytes'] / 2**20:.1f} MiB, {merged['dtype']}",
-                     f"greedy answers identical on {check['greedy_identical']}/{check['prompts']} prompts; "
-                     f"max |logit diff| {check['max_abs_logit_diff']:.3g} (adapter moves logits by up to "
-                     f"{check['adapter_effect_max_abs_logit']:.3g}), compared in {check['compared_in']}"))
+        rows.append((f"merged model (into the {merged['merged_into']} weights)", merged["path"],
+                     f"{merged['bytes'] / 2**20:.1f} MiB, {merged['dtype']}",
+                     f"greedy answers identical to {check['reference']} on {check['greedy_identical']}/"
+                     f"{check['prompts']} prompts; {logit_check_sentence(check)} (compared in {check['compared_in']})"))
     else:
         rows.append(("merged model", "not exported (eval.export_merged=false)", "", ""))
     rows.append(("Hugging Face Hub", hub["url"] if hub else "not pushed (eval.push_to_hub is empty)", "", ""))

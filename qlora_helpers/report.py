@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .artifacts import FORMS, forms_rows, logit_check_sentence
 from .data import plot_lengths
 from .evaluate import SIDE_BY_SIDE_LEGEND, marked, read_generations
 from .runs import atomic_path, environment, load_config, read_json, write_json, write_text
@@ -93,9 +94,21 @@ def build_summary(run_dir: str | Path) -> dict[str, Any]:
                  "generation_tokens_per_s": tuned.get("generation", {}).get("tokens_per_s")},
         "export": {"adapter": "adapter" if export.get("adapter") else None,
                    "merged": merged["path"] if merged else None, "merged_dtype": merged["dtype"] if merged else None,
+                   "merged_into": merged.get("merged_into") if merged else None,
                    "merge_verified": check["passed"] if check else None, "hub_url": hub["url"] if hub else None},
+        "shipped": _shipped(export.get("forms")),
+        "forms": (export.get("forms") or {}).get("scores"),
         "artifacts": artifacts,
     }
+
+
+def _shipped(forms: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the user takes away and what it scored on the held-out prompts (export/metrics.json's forms)."""
+    if not forms or forms["shipped"] not in forms["scores"]:
+        return None
+    s = forms["scores"][forms["shipped"]]
+    return {"form": forms["shipped"], "what": FORMS[forms["shipped"]],
+            **{k: s.get(k) for k in ("exact_match", "rouge_l", "stop_rate", "same_answer_as_evaluated")}}
 
 
 def _fmt(v: Any) -> str:
@@ -149,6 +162,8 @@ def _summary_section(s: dict[str, Any], run_dir: Path) -> list[str]:
     prompts = f" ({e['prompts']} held-out prompts)" if e.get("prompts") else ""
     exact = ("no checkable answers (free-form data: see ROUGE-L)" if e["exact_match_before"] is None and e["val_loss_before"] is not None
              else _change(e["exact_match_before"], e["exact_match_after"], _pct))
+    ship = s.get("shipped")
+    shipped = lambda key, fmt=_fmt: f"; shipped model: {fmt(ship[key])}" if ship else ""  # noqa: E731
     rows = [("model", s["model"] or NM), ("data", s["data"] or NM), ("profile", s["profile"]),
             ("steps / epochs", f"{_fmt(t['steps'])} / {_fmt(t['epochs'])}"),
             ("examples / tokens seen", f"{_fmt(t['examples_seen'])} / {_fmt(t['tokens_seen'])}"),
@@ -159,14 +174,19 @@ def _summary_section(s: dict[str, Any], run_dir: Path) -> list[str]:
             ("training wall time", NM if t["wall_s"] is None else f"{t['wall_s']:,.0f} s ({_fmt(t['tokens_per_s'])} tokens/s)"),
             ("resumed from step", t["resumed_from_step"] if t["resumed_from_step"] is not None else "not resumed"),
             ("validation loss, base → fine-tuned", _change(e["val_loss_before"], e["val_loss_after"])),
-            (f"exact match{prompts}", exact),
-            ("ROUGE-L", _change(e["rouge_l_before"], e["rouge_l_after"])),
-            ("stops with end-of-turn", _change(e["stop_rate_before"], e["stop_rate_after"], _pct))]
+            (f"exact match{prompts}, base → fine-tuned", exact + (shipped("exact_match", _pct) if e["exact_match_after"] is not None else "")),
+            ("ROUGE-L, base → fine-tuned", _change(e["rouge_l_before"], e["rouge_l_after"]) + shipped("rouge_l")),
+            ("stops with end-of-turn, base → fine-tuned", _change(e["stop_rate_before"], e["stop_rate_after"], _pct) + shipped("stop_rate", _pct))]
     x = s["export"]
     rows += [("adapter", f"`{x['adapter']}/`" if x["adapter"] else NM),
-             ("merged 16-bit model", f"`{x['merged']}/` ({x['merged_dtype']})" if x["merged"] else "not exported"),
+             ("merged 16-bit model", f"`{x['merged']}/` ({x['merged_dtype']}, merged into the {x['merged_into']} "
+                                     "base weights)" if x["merged"] else "not exported"),
+             ("shipped model", f"{ship['form']}: {ship['what']}" if ship else NM),
              ("Hugging Face Hub", x["hub_url"] or "not pushed")]
     parts = ["## Summary", "", _table(rows, ("", "this run")), ""]
+    if ship:
+        parts += ["*fine-tuned* is the model the evaluation measured (the adapter on the 4-bit base); *shipped model* "
+                  "is the one a user takes away, scored by the export on the same prompts (see Export).", ""]
     if any(NM in str(v) for _, v in rows):
         parts += [f"*{NM}*: no stage wrote that figure (the stage did not run, or cannot measure it here).", ""]
     return parts
@@ -196,7 +216,7 @@ def _before_after_section(ev: dict[str, Any]) -> list[str]:
     return parts
 
 
-def _export_section(export: dict[str, Any], run_dir: Path, finetuned: dict[str, Any]) -> list[str]:
+def _export_section(export: dict[str, Any], run_dir: Path) -> list[str]:
     if not export:
         return ["## Export", "", f"{NM}: the export step of notebook 04 did not run on this run directory.", ""]
     a, merged, check, hub = export["adapter"], export.get("merged"), export.get("verification"), export.get("hub")
@@ -205,24 +225,24 @@ def _export_section(export: dict[str, Any], run_dir: Path, finetuned: dict[str, 
     if merged:
         verdict = "verified" if check["passed"] else "FAILED verification: do not use"
         ties = f", {len(check['near_ties'])} parting at a near-tie" if check["near_ties"] else ""
-        rows.append(("merged model", f"`{merged['path']}/`", f"{_mib(merged['bytes'])}, {merged['dtype']}",
-                     f"{verdict}: greedy answers identical to base + adapter on {check['greedy_identical']}/"
-                     f"{check['prompts']} prompts{ties}; max logit difference {_fmt(check['max_abs_logit_diff'])} "
-                     f"where the adapter moves logits by up to {_fmt(check['adapter_effect_max_abs_logit'])} "
-                     f"(compared in {check['compared_in']})"))
+        rows.append((f"merged model, into the {merged.get('merged_into')} weights", f"`{merged['path']}/`",
+                     f"{_mib(merged['bytes'])}, {merged['dtype']}",
+                     f"{verdict}: greedy answers identical to {check['reference']} on {check['greedy_identical']}/"
+                     f"{check['prompts']} prompts{ties}; {logit_check_sentence(check)} (compared in {check['compared_in']})"))
     else:
         rows.append(("merged model", "not exported (eval.export_merged=false)", "", ""))
     rows.append(("Hugging Face Hub", hub["url"] if hub else "not pushed (eval.push_to_hub is empty)",
                  "private repository" if hub else "", ""))
     parts = ["## Export", "", _table(rows, ("what", "where", "size", "notes")), ""]
-    if check:
-        scores = check["merged_scores"]
-        quality = (f"exact match {_pct(scores['exact_match'])} (the fine-tuned 4-bit model: {_pct(finetuned.get('exact_match'))})"
-                   if scores.get("exact_match") is not None else
-                   f"ROUGE-L {_fmt(scores['rouge_l'])} (the fine-tuned 4-bit model: {_fmt(finetuned.get('rouge_l'))})")
-        parts += [f"The merged {merged['dtype']} model on the same held-out prompts: {quality}, stops with end-of-turn "
-                  f"{_pct(scores['stop_rate'])} (4-bit: {_pct(finetuned.get('stop_rate'))}). The adapter was trained on "
-                  "the NF4-rounded base weights; on the exact 16-bit weights it can answer somewhat differently.", ""]
+    forms = export.get("forms")
+    if forms:
+        fr = forms_rows(forms["scores"], forms["shipped"], forms["prompts"])
+        parts += [f"Every form of the fine-tuned model that can ship, on the same {forms['prompts']} held-out prompts "
+                  f"(greedy, the evaluation's token budget; answered in {forms['compared_in']}). The adapter was trained "
+                  "against the NF4-rounded base weights, so the forms that put it next to other weights can answer "
+                  "differently; *same answer as evaluated* counts the prompts where a form answers exactly as the "
+                  "4-bit model did.", "",
+                  _table([tuple(r.values()) for r in fr], tuple(fr[0])) if fr else "", ""]
     base_model = a.get("base_model") or "<base model>"
     parts += ["Load the adapter onto the ordinary, unquantized base, or the merged model alone:", "", "```python",
               "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
@@ -279,7 +299,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     parts = [f"# QLoRA run report: {run_dir.name}", "",
              *_summary_section(s, run_dir),
              *_before_after_section(ev),
-             *_export_section(read_json(run_dir / "export" / "metrics.json", {}), run_dir, ev.get("finetuned", {})),
+             *_export_section(read_json(run_dir / "export" / "metrics.json", {}), run_dir),
              "## Loss", "", "![loss](report/loss.png)", "", "Interactive: [report/loss.html](report/loss.html)", "",
              *_answers_section(read_generations(run_dir)),
              *_data_section(read_json(run_dir / "data" / "metrics.json", {})),

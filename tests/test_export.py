@@ -155,26 +155,49 @@ def test_export_verification_passed_and_was_measured(exported_run):
     _, _, metrics = exported_run
     check = metrics["verification"]
     assert check["passed"] and check["compared_in"] == "float32"
-    assert check["greedy_identical"] == check["prompts"] == 4
+    assert check["reference"] == "the unmerged adapter on the dequantized base weights"
+    # an answer may part only where the two best tokens are within the logit error of each other (a near-tie)
+    assert check["prompts"] == 4 and check["greedy_identical"] + len(check["near_ties"]) == 4
+    assert check["differing_beyond_ties"] == []
+    assert all(t["margin"] <= 2 * check["max_abs_logit_diff"] for t in check["near_ties"])
     assert check["max_abs_logit_diff"] <= check["tolerance"]
-    assert check["adapter_effect_max_abs_logit"] > 2 * check["max_abs_logit_diff"]  # the merge kept the update
+    assert check["tolerance"] == pytest.approx(0.5 * check["adapter_effect_max_abs_logit"], abs=1e-4)  # lost or doubled: 100%
+    assert check["max_probability_factor"] == pytest.approx(2.718281828 ** (2 * check["max_abs_logit_diff"]), rel=1e-3)
 
 
-def test_merged_model_answers_like_base_plus_adapter(exported_run):
-    """Checked here with plain transformers and peft, not the export's own check: greedy answers to the test
+def test_every_form_that_can_ship_is_scored_and_the_merged_model_has_a_card(exported_run):
+    from qlora_helpers.artifacts import FORMS
+
+    _, run_dir, metrics = exported_run
+    forms = metrics["forms"]
+    assert forms["shipped"] == "merged-dequantized" and forms["prompts"] == 4
+    # notebook 04's evaluation did not run in this fixture, so the 4-bit row is not there
+    assert set(forms["scores"]) == set(FORMS) - {"4bit+adapter"}
+    for s in forms["scores"].values():
+        assert 0 <= s["rouge_l"] <= 1 and 0 <= s["stop_rate"] <= 1 and 0 <= s["exact_match"] <= 1
+    card = (run_dir / "export" / "merged" / "README.md").read_text()
+    assert "merged into the dequantized NF4 weights the adapter was trained against" in card
+    assert "| merged-dequantized (shipped) |" in card and "merged-original" in card
+
+
+def test_merged_model_answers_like_the_dequantized_base_plus_adapter(exported_run):
+    """Checked here with plain transformers and peft, not the export's own check: the base loaded in NF4 as in
+    training and dequantized, the adapter on it unmerged, against the merged model; greedy answers to the test
     prompts are identical and the logits along them agree, both compared in float32."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qlora_helpers.evaluate import held_out_prompts
+    from qlora_helpers.model import quantization_config
 
     stage, run_dir, _ = exported_run
     cfg = stage.cfg
     tokenizer = load_tokenizer(stage)
     _, prompts, stop_ids = held_out_prompts(stage, tokenizer)
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32),
-                                          str(run_dir / "adapter")).eval()
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), quantization_config=quantization_config(stage),
+                                                dtype=stage.torch_dtype).dequantize(dtype=torch.float32).float()
+    reference = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "merged", dtype=torch.float32).eval()
 
     def greedy_and_logits(model, ids):
@@ -183,17 +206,55 @@ def test_merged_model_answers_like_base_plus_adapter(exported_run):
                                  eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
             return out[0, ids.shape[1]:].tolist(), out, model(input_ids=out).logits[0, ids.shape[1] - 1:]
 
+    identical = 0
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         ref_tokens, ref_sequence, ref_logits = greedy_and_logits(reference, ids)
         merged_tokens, _, _ = greedy_and_logits(merged, ids)
-        assert merged_tokens == ref_tokens, prompt
         with torch.no_grad():
             merged_logits = merged(input_ids=ref_sequence).logits[0, ids.shape[1] - 1:]
             with reference.disable_adapter():
                 base_logits = reference(input_ids=ref_sequence).logits[0, ids.shape[1] - 1:]
         error = (merged_logits - ref_logits).abs().max().item()
-        assert error < 1.0 and error < (ref_logits - base_logits).abs().max().item(), (prompt, error)
+        assert error < 0.5 * (ref_logits - base_logits).abs().max().item(), (prompt, error)
+        if merged_tokens == ref_tokens:
+            identical += 1
+        else:  # they may part only where the reference's two best tokens are within the logit error (a near-tie)
+            at = next(i for i, (a, b) in enumerate(zip(ref_tokens, merged_tokens)) if a != b)
+            margin = (ref_logits[at, ref_tokens[at]] - ref_logits[at, merged_tokens[at]]).item()
+            assert 0 <= margin <= 2 * error, (prompt, at, margin, error)
+    assert identical >= len(prompts) - 1
+
+
+def test_merge_into_original_merges_into_the_exact_16_bit_weights(exported_run, tmp_path):
+    """eval.merge_into=original on the same adapter: the merged weights are the original ones plus the update,
+    and the check compares against the adapter on the unquantized base."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from qlora_helpers.export import export_run
+
+    stage, run_dir, metrics = exported_run
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("export"))
+    stage = Stage(stage.cfg.copy_with({"eval.merge_into": "original"}), other)
+    save_config(stage.cfg, other)
+    got = export_run(stage)
+    assert got["verification"]["passed"]
+    assert got["verification"]["reference"] == "the unmerged adapter on the original base weights"
+    assert got["forms"]["shipped"] == "merged-original" and got["merged"]["merged_into"] == "original"
+    # the two runs scored the same forms alike: one adapter, the same prompts
+    assert got["forms"]["scores"]["original+adapter"] == metrics["forms"]["scores"]["original+adapter"]
+    # an embedding (never quantized) is the same in both; a quantized projection differs by the NF4 rounding
+    tensors = {}
+    for name in ("dequantized", "original"):
+        folder = (run_dir if name == "dequantized" else other) / "export" / "merged"
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            tensors[name] = {k: f.get_tensor(k).float() for k in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight")}
+    assert (tensors["dequantized"]["model.embed_tokens.weight"] == tensors["original"]["model.embed_tokens.weight"]).all()
+    assert (tensors["dequantized"]["model.layers.0.mlp.down_proj.weight"]
+            != tensors["original"]["model.layers.0.mlp.down_proj.weight"]).float().mean() > 0.5
 
 
 # --------------------------------------------------------------------------- the hub and the token
@@ -328,12 +389,16 @@ def test_report_shows_the_export_and_says_what_was_not_measured(exported_run):
     _, run_dir, _ = exported_run
     summary = write_report(run_dir)  # notebook 04's evaluation did not run on this run directory
     assert summary["export"] == {"adapter": "adapter", "merged": "export/merged", "merged_dtype": "float16",
-                                 "merge_verified": True, "hub_url": None}
+                                 "merged_into": "dequantized", "merge_verified": True, "hub_url": None}
+    assert summary["shipped"]["form"] == "merged-dequantized"
+    assert set(summary["forms"]) == {"original+adapter", "merged-original", "merged-dequantized"}
     assert summary["artifacts"]["merged_model"] == "export/merged"
     assert summary["eval"]["val_loss_before"] is None
     report = (run_dir / "report.md").read_text()
     assert report.index("## Summary") < report.index("## Export") < report.index("## Appendix")
-    assert "`export/merged/` (float16)" in report and "verified: greedy answers identical" in report
+    assert "`export/merged/` (float16, merged into the dequantized base weights)" in report
+    assert "verified: greedy answers identical to the unmerged adapter on the dequantized base weights" in report
+    assert "| merged-dequantized (shipped) |" in report
     assert f"validation loss, base → fine-tuned | {NM} → {NM}" in report
     assert "notebook 04 did not run" in report
     assert FAKE_TOKEN not in report

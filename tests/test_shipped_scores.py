@@ -1,0 +1,57 @@
+"""The model that ships scores what the report says: the embedded profile end to end (`python -m qlora_helpers
+run`, every notebook through papermill, about 10 minutes on 2 cores), then its numbers against the ones recorded
+on this project's CPU machine.
+
+Recorded 2026-12-01 (2-core Xeon, no GPU), 60 held-out prompts, greedy, 32 new tokens:
+
+    form                 exact match   same answer as the evaluated 4-bit model
+    4bit+adapter         65%           60/60   (what notebook 04's evaluation measured)
+    original+adapter     50%           37/60
+    merged-original      50%           37/60
+    merged-dequantized   63%           52/60   (the default export, eval.merge_into=dequantized)
+
+The adapter learned to correct the NF4-rounded weights; merged into the exact 16-bit weights it loses 15 points.
+A different CPU (another set of vector instructions, another thread count) can change a near-tie here and
+there, hence the tolerances; the issue's bar, the shipped model within 3 points of the evaluated one, is not
+loosened.
+"""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+RECORDED = {"4bit+adapter": 0.65, "original+adapter": 0.50, "merged-original": 0.50, "merged-dequantized": 0.6333}
+TOLERANCE = 0.07  # about 4 of the 60 prompts
+WITHIN = 0.03  # the shipped model against the evaluated one: at most one prompt apart
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("embedded") / "run"
+    proc = run_cli("run", "--profile", "embedded", "--run-dir", str(run_dir), timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+def test_every_form_scores_what_was_recorded(embedded_run):
+    _, summary = embedded_run
+    got = {form: s["exact_match"] for form, s in summary["forms"].items()}
+    assert set(got) == set(RECORDED)
+    for form, recorded in RECORDED.items():
+        assert got[form] == pytest.approx(recorded, abs=TOLERANCE), (form, got)
+    assert summary["eval"]["exact_match_after"] == got["4bit+adapter"]
+
+
+def test_the_default_export_scores_what_was_evaluated(embedded_run):
+    run_dir, summary = embedded_run
+    shipped, evaluated = summary["shipped"], summary["eval"]["exact_match_after"]
+    assert shipped["form"] == "merged-dequantized" and summary["export"]["merged_into"] == "dequantized"
+    assert abs(shipped["exact_match"] - evaluated) <= WITHIN, (shipped, evaluated)
+    # the other merged form is measurably worse: why it is not the default
+    assert summary["forms"]["merged-original"]["exact_match"] < shipped["exact_match"] - WITHIN
+    assert summary["export"]["merge_verified"] is True
+    report = (run_dir / "report.md").read_text()
+    assert f"{evaluated:.0%}; shipped model: {shipped['exact_match']:.0%}" in report
+    card = (run_dir / "export" / "merged" / "README.md").read_text()
+    assert "| merged-dequantized (shipped) |" in card and "the dequantized NF4 weights the adapter was trained against" in card
