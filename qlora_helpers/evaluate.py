@@ -18,6 +18,7 @@ from typing import Any
 from .config import UserError
 from .data import Formatter, load_split
 from .model import load_base_model
+from .runlock import writing
 from .runs import memory_snapshot, write_json, write_text
 from .stage import Stage
 
@@ -153,12 +154,14 @@ def evaluate_run(stage: Stage, model, tokenizer) -> dict[str, Any]:
             row.update({label: a["answer"], f"{label}_stopped": a["stopped"],
                         f"{label}_exact": is_exact(a["answer"], e["response"], e["task"]) if checkable else None})
         lines.append(json.dumps(row) + "\n")
-    write_text(out / "generations.jsonl", "".join(lines))
+    with writing(run_dir, "stage 4 (evaluation)"):
+        write_text(out / "generations.jsonl", "".join(lines))
     metrics = {"val_examples": len(loss_set), "prompts": len(prompts_set), "max_new_tokens": cfg.eval.max_new_tokens,
                "batch_size": cfg.eval.batch_size, "checkable": checkable,
                **{label: {k: v for k, v in r.items() if k != "answers"} for label, r in results.items()},
                "memory": memory_snapshot()}
-    write_json(out / "metrics.json", metrics)
+    with writing(run_dir, "stage 4 (evaluation)"):
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 

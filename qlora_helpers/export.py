@@ -30,6 +30,7 @@ from .config import UserError
 from .data import load_tokenizer
 from .evaluate import generate, held_out_prompts, read_generations
 from .model import load_base_model
+from .runlock import writing
 from .runs import memory_snapshot, read_json, write_json, write_text
 from .stage import Stage
 
@@ -119,8 +120,9 @@ def save_merged(stage: Stage, merged, started: float | None = None) -> dict[str,
     """Save a merged model (``merge_and_unload``'s result) with its tokenizer to RUN_DIR/export/merged."""
     out = stage.path(str(MERGED_DIR))
     merged.config.use_cache = True  # the shared loader turns the KV cache off for training; users generate
-    merged.save_pretrained(str(out))
-    load_tokenizer(stage).save_pretrained(str(out))
+    with writing(stage.run_dir, "export (the merged model)"):
+        merged.save_pretrained(str(out))
+        load_tokenizer(stage).save_pretrained(str(out))
     info = {"path": str(MERGED_DIR), "dtype": stage.cfg.eval.export_dtype, "merged_into": stage.cfg.eval.merge_into,
             "bytes": _dir_bytes(out)}
     if started is not None:
@@ -349,18 +351,20 @@ def finish_export(stage: Stage, merged: dict[str, Any] | None) -> dict[str, Any]
         "merged": merged, "verification": check, "forms": forms, "hub": None,
     }
     metrics["memory"] = memory_snapshot()
-    write_json(run_dir / "export" / "metrics.json", metrics)  # kept even if the check or the push fails
-    if merged:
-        write_text(run_dir / MERGED_DIR / "README.md",
-                   model_card(metrics, stage.model.description, hub_id(stage.cfg.model.name), merged["merged_into"],
-                              merged["dtype"], run_dir.name))
+    with writing(run_dir, "export"):
+        write_json(run_dir / "export" / "metrics.json", metrics)  # kept even if the check or the push fails
+        if merged:
+            write_text(run_dir / MERGED_DIR / "README.md",
+                       model_card(metrics, stage.model.description, hub_id(stage.cfg.model.name), merged["merged_into"],
+                                  merged["dtype"], run_dir.name))
     if check and not check["passed"]:
         raise ExportMismatch(f"the merged model does not reproduce {check['reference']} (max |logit diff| "
                              f"{check['max_abs_logit_diff']}, tolerance {check['tolerance']}; "
                              f"{len(check['differing_beyond_ties'])} answers differ beyond a near-tie): do not use "
                              f"{run_dir / MERGED_DIR}; details in {run_dir / 'export' / 'metrics.json'}")
     metrics["hub"] = push_adapter(stage)
-    write_json(run_dir / "export" / "metrics.json", metrics)
+    with writing(run_dir, "export"):
+        write_json(run_dir / "export" / "metrics.json", metrics)
     return metrics
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from .artifacts import FORMS, forms_rows, logit_check_sentence
 from .data import plot_lengths
 from .evaluate import SIDE_BY_SIDE_LEGEND, marked, read_generations
+from .runlock import writing
 from .runs import atomic_path, environment, load_config, read_json, write_json, write_text
 from .train import read_metrics_log
 
@@ -290,8 +291,12 @@ def _answers_section(gens: list[dict[str, Any]], limit: int = 12) -> list[str]:
 
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
-    """Write summary.json and report.md at the run directory's root; return the summary."""
-    run_dir = Path(run_dir)
+    """Write summary.json, report.md and the plots, holding the run directory while it does; return the summary."""
+    with writing(run_dir, "stage 5 (report)"):
+        return _write_report(Path(run_dir))
+
+
+def _write_report(run_dir: Path) -> dict[str, Any]:
     s = build_summary(run_dir)
     write_json(run_dir / "summary.json", s)
     train = read_json(run_dir / "train" / "metrics.json", {})

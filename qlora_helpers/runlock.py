@@ -3,7 +3,7 @@
 * ``python -m qlora_helpers run`` holds the lock from before its first notebook until its last one ends, and tells
   the notebook kernels it starts (``QLORA_RUN_LOCK`` in their environment) that their stage is covered by it.
 * A notebook run by hand takes the lock only while it writes: ``start_stage`` (config.json), stage 1's data
-  files, and the whole of training. So notebook 01's kernel may stay open while notebook 02 runs, but a second
+  files, the whole of training, evaluation's files, the merged model and the export's metrics, the report. So notebook 01's kernel may stay open while notebook 02 runs, but a second
   pipeline, or a second training, on the same run directory is refused in one line that names the holder.
 * The holder (pid, host, since when, what) is written into the lock file. The kernel drops a flock when its
   process ends, however it ends, so a killed run never leaves a lock behind: a stale ``.lock`` file is ignored.

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from qlora_helpers import Stage, build_config
-from qlora_helpers.config import ConfigError
+from qlora_helpers.config import ConfigError, UserError
 from qlora_helpers.runlock import ENV, RunDirBusy, acquire, release
 from qlora_helpers.stage import start_stage
 from qlora_helpers.train import resume_checkpoint
@@ -107,6 +107,24 @@ def test_the_pipelines_own_notebook_kernels_go_ahead_and_nobody_elses_do(tmp_pat
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_report_by_hand_is_refused_while_a_training_holds_the_directory(tmp_path):
+    """Evaluation, the export and the report write under the same lock as the other stages run by hand."""
+    from qlora_helpers.report import write_report
+
+    run_dir = tmp_path / "run"
+    start_stage("test", {}, str(run_dir))
+    proc = holder(run_dir, "training", call="hold")
+    try:
+        with pytest.raises(RunDirBusy, match=r"\(training\)"):
+            write_report(run_dir)
+        assert not (run_dir / "report.md").exists() and not (run_dir / "summary.json").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(UserError, match="train.jsonl is missing"):  # the lock is gone: on to the next mistake
+        write_report(run_dir)
 
 
 def test_stage_by_stage_by_hand_a_kernel_left_open_does_not_block_the_next_notebook(tmp_path):
