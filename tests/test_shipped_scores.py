@@ -2,17 +2,19 @@
 run`, every notebook through papermill, about 10 minutes on 2 cores), then its numbers against the ones recorded
 on this project's CPU machine.
 
-Recorded 2026-12-01 (2-core Xeon, no GPU), 60 held-out prompts, greedy, 32 new tokens:
+Recorded 2026-12-01 by `make run` on a fresh clone (2-core Xeon, no GPU), 60 held-out prompts, greedy, 32 new
+tokens:
 
     form                 exact match   same answer as the evaluated 4-bit model
-    4bit+adapter         65%           60/60   (what notebook 04's evaluation measured)
-    original+adapter     50%           37/60
-    merged-original      50%           37/60
-    merged-dequantized   63%           52/60   (the default export, eval.merge_into=dequantized)
+    4bit+adapter         67%           60/60   (what notebook 04's evaluation measured)
+    original+adapter     50%           33/60
+    merged-original      50%           33/60
+    merged-dequantized   65%           57/60   (the default export, eval.merge_into=dequantized)
 
-The adapter learned to correct the NF4-rounded weights; merged into the exact 16-bit weights it loses 15 points.
-A different CPU (another set of vector instructions, another thread count) can change a near-tie here and
-there, hence the tolerances; the issue's bar, the shipped model within 3 points of the evaluated one, is not
+The adapter learned to correct the NF4-rounded weights; merged into the exact 16-bit weights it loses 17 points.
+The same run with another process competing for the two cores gave 65% / 50% / 50% / 63%: bf16 sums on the CPU
+are not bit-reproducible across thread timings, and a different CPU can change a near-tie here and there, hence
+the tolerances; the issue's bar, the shipped model within 3 points of the evaluated one, is not
 loosened.
 """
 import json
@@ -21,7 +23,7 @@ import pytest
 
 from conftest import run_cli
 
-RECORDED = {"4bit+adapter": 0.65, "original+adapter": 0.50, "merged-original": 0.50, "merged-dequantized": 0.6333}
+RECORDED = {"4bit+adapter": 0.6667, "original+adapter": 0.50, "merged-original": 0.50, "merged-dequantized": 0.65}
 TOLERANCE = 0.07  # about 4 of the 60 prompts
 WITHIN = 0.03  # the shipped model against the evaluated one: at most one prompt apart
 
