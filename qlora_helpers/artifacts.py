@@ -82,6 +82,9 @@ def forms_table(export_metrics: dict[str, Any]):
 def logit_check_sentence(check: dict[str, Any]) -> str:
     """The merge check in words a reader can judge: the error as a share of the adapter's own effect, and
     the most it can change any token's probability (a logit error e moves a log-probability by at most 2e)."""
+    if "tolerance_share" not in check:  # export/metrics.json written by an earlier version (a continued Kaggle run)
+        return (f"max |logit diff| {check['max_abs_logit_diff']:.3g} where the adapter moves logits by up to "
+                f"{check['adapter_effect_max_abs_logit']:.3g} (tolerance {check['tolerance']:.3g})")
     share = check["max_abs_logit_diff"] / check["adapter_effect_max_abs_logit"] if check["adapter_effect_max_abs_logit"] else 0.0
     return (f"the merged model's logits differ from the unmerged model's by at most {check['max_abs_logit_diff']:.3g}, "
             f"{100 * share:.2g}% of the {check['adapter_effect_max_abs_logit']:.3g} by which the adapter itself moves them (a "

@@ -13,7 +13,7 @@ from .data import plot_lengths
 from .evaluate import SIDE_BY_SIDE_LEGEND, marked, read_generations
 from .runlock import writing
 from .runs import atomic_path, environment, load_config, read_json, write_json, write_text
-from .train import read_metrics_log
+from .callbacks import read_metrics_log
 
 NM = "not measured"
 
@@ -228,7 +228,7 @@ def _export_section(export: dict[str, Any], run_dir: Path) -> list[str]:
         ties = f", {len(check['near_ties'])} parting at a near-tie" if check["near_ties"] else ""
         rows.append((f"merged model, into the {merged.get('merged_into')} weights", f"`{merged['path']}/`",
                      f"{_mib(merged['bytes'])}, {merged['dtype']}",
-                     f"{verdict}: greedy answers identical to {check['reference']} on {check['greedy_identical']}/"
+                     f"{verdict}: greedy answers identical to {check.get('reference', 'base + adapter')} on {check['greedy_identical']}/"
                      f"{check['prompts']} prompts{ties}; {logit_check_sentence(check)} (compared in {check['compared_in']})"))
     else:
         rows.append(("merged model", "not exported (eval.export_merged=false)", "", ""))

@@ -404,6 +404,25 @@ def test_report_shows_the_export_and_says_what_was_not_measured(exported_run):
     assert FAKE_TOKEN not in report
 
 
+def test_the_report_still_reads_an_export_written_by_the_previous_version(exported_run, tmp_path):
+    """A Kaggle run continued by a newer kernel (adopt.py) keeps the export/metrics.json the old version wrote."""
+    import shutil
+
+    from qlora_helpers.report import write_report
+
+    _, run_dir, metrics = exported_run
+    old = tmp_path / "run"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("merged"))
+    check = {k: v for k, v in metrics["verification"].items()
+             if k not in ("reference", "tolerance_share", "tolerance_floor", "max_probability_factor", "stored_as")}
+    merged = {k: v for k, v in metrics["merged"].items() if k != "merged_into"}
+    (old / "export" / "metrics.json").write_text(json.dumps({**metrics, "merged": merged, "verification": check,
+                                                             "forms": None}))
+    summary = write_report(old)
+    assert summary["shipped"] is None and summary["export"]["merged_into"] is None
+    assert "verified: greedy answers identical to base + adapter" in (old / "report.md").read_text()
+
+
 # --------------------------------------------------------------------------- the playground (notebook 04)
 def test_the_playground_answers_with_and_without_the_adapter(exported_run):
     from qlora_helpers.evaluate import load_finetuned

@@ -22,7 +22,7 @@ import pytest
 from qlora_helpers import Stage, UserError
 from qlora_helpers.checkpoints import checkpoint_problem, newest_complete
 from qlora_helpers.runs import CorruptFile, WriteFailed, load_config, read_json, save_config
-from qlora_helpers.train import read_metrics_log
+from qlora_helpers.callbacks import read_metrics_log
 
 from conftest import REPO
 from test_distributed import _run_dir, tiny_llama  # noqa: F401 (fixture)

@@ -12,7 +12,8 @@ import pytest
 
 from qlora_helpers import Stage, build_config
 from qlora_helpers.checkpoints import newest_complete
-from qlora_helpers.train import TrainingDiverged, metrics_callback, resume_checkpoint
+from qlora_helpers.callbacks import TrainingDiverged, metrics_callback
+from qlora_helpers.train import resume_checkpoint
 
 from conftest import REPO
 
