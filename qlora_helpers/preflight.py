@@ -294,7 +294,7 @@ def preflight_report(stage: Stage) -> dict[str, Any]:
               "what a GPU would need; on Kaggle choose Accelerator > GPU T4 x2. "
               f"CPU bf16 support: {'yes' if hw['bf16'] else 'no'}")
     why = "" if cfg.quant.compute_dtype != "auto" else (
-        " (auto: bf16 needs compute capability 8.0+)" if hw["device"] == "cuda" else " (auto)")
+        " (auto: bf16 needs compute capability 8.0+)" if hw["device"] == "cuda" else " (auto: fp32 on a CPU)")
     print(f"compute dtype: {compute_dtype}{why}, attention: {cfg.model.attn_implementation}")
 
     lengths = read_json(Path(run_dir) / "data" / "metrics.json", {}).get("train_lengths") if run_dir else None

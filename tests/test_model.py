@@ -95,6 +95,9 @@ def test_compute_dtype_follows_the_hardware():
     assert choose_compute_dtype("auto", H200) == "bfloat16"
     assert choose_compute_dtype("float16", H200) == "float16"
     assert choose_compute_dtype("auto", {"device": "cpu", "name": "CPU", "capability": None, "bf16": False}) == "float32"
+    # a CPU with bf16 instructions computes in fp32 too (reproducible sums), unless bf16 is asked for
+    amx = {"device": "cpu", "name": "CPU", "capability": None, "bf16": True}
+    assert choose_compute_dtype("auto", amx) == "float32" and choose_compute_dtype("bfloat16", amx) == "bfloat16"
 
 
 def test_bf16_on_a_t4_is_refused_before_loading():
