@@ -2,20 +2,21 @@
 run`, every notebook through papermill, about 10 minutes on 2 cores), then its numbers against the ones recorded
 on this project's CPU machine.
 
-Recorded 2026-12-01 by `make run` on a fresh clone (2-core Xeon, no GPU), 60 held-out prompts, greedy, 32 new
-tokens:
+Recorded 2026-12-02 by `make run` on a fresh clone (2-core Xeon, no GPU, fp32 compute), 60 held-out prompts,
+greedy, 32 new tokens:
 
     form                 exact match   same answer as the evaluated 4-bit model
-    4bit+adapter         67%           60/60   (what notebook 04's evaluation measured)
-    original+adapter     50%           33/60
-    merged-original      50%           33/60
-    merged-dequantized   65%           57/60   (the default export, eval.merge_into=dequantized)
+    4bit+adapter         60%           60/60   (what notebook 04's evaluation measured)
+    original+adapter     50%           30/60
+    merged-original      50%           30/60
+    merged-dequantized   60%           60/60   (the default export, eval.merge_into=dequantized)
 
-The adapter learned to correct the NF4-rounded weights; merged into the exact 16-bit weights it loses 17 points.
-The same run with another process competing for the two cores gave 65% / 50% / 50% / 63%: bf16 sums on the CPU
-are not bit-reproducible across thread timings, and a different CPU can change a near-tie here and there, hence
-the tolerances; the issue's bar, the shipped model within 3 points of the evaluated one, is not
-loosened.
+The adapter learned to correct the NF4-rounded weights; merged into the exact 16-bit weights it loses 10 points.
+Two more runs on the same machine gave 62% / 50% / 50% / 62% and 60% / 50% / 50% / 60%: training on the CPU is
+not bit-reproducible (validation loss 0.301-0.305), and a different CPU can change a near-tie here and there,
+hence TOLERANCE. The shipped model answered as the evaluated one on all 60 prompts in each run, so WITHIN, the
+issue's bar of 3 points (one prompt), is not loosened. With bf16 compute on the CPU (`auto` until 2026-12-02)
+it agreed on only 54-57 of 60 answers and missed that bar once in CI: docs/benchmarks.md.
 """
 import json
 
@@ -23,7 +24,7 @@ import pytest
 
 from conftest import run_cli
 
-RECORDED = {"4bit+adapter": 0.6667, "original+adapter": 0.50, "merged-original": 0.50, "merged-dequantized": 0.65}
+RECORDED = {"4bit+adapter": 0.60, "original+adapter": 0.50, "merged-original": 0.50, "merged-dequantized": 0.60}
 TOLERANCE = 0.07  # about 4 of the 60 prompts
 WITHIN = 0.03  # the shipped model against the evaluated one: at most one prompt apart
 
