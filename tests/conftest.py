@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,3 +32,10 @@ def stage_for(tmp_path, profile="test", overrides=None):
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     return Stage(build_config(profile, overrides or {}), tmp_path)
+
+
+def ctrl_c_reaches_it() -> None:
+    """For Popen(preexec_fn=...) in tests that press Ctrl-C: the child takes SIGINT as a terminal's Ctrl-C even
+    when the suite itself runs as a background job (a shell's `make test &` starts it with SIGINT ignored, and
+    every child inherits that, so the signal would do nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

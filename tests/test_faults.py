@@ -24,7 +24,7 @@ from qlora_helpers.checkpoints import checkpoint_problem, newest_complete
 from qlora_helpers.runs import CorruptFile, WriteFailed, load_config, read_json, save_config
 from qlora_helpers.callbacks import read_metrics_log
 
-from conftest import REPO
+from conftest import REPO, ctrl_c_reaches_it
 from test_distributed import _run_dir, tiny_llama  # noqa: F401 (fixture)
 
 STEPS = 6
@@ -421,7 +421,8 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_leaves_nothing_behind(t
     make_run(run_dir, tiny_llama, max_steps=400, **{"train.eval_steps": 200, "train.save_steps": 200})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "qlora_helpers", "train", "--run-dir", str(run_dir)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_it)
     deadline = time.time() + 300
     while len(steps_logged(run_dir)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)

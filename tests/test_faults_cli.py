@@ -19,7 +19,7 @@ from qlora_helpers.runlock import ENV, RunDirBusy, acquire, release
 from qlora_helpers.stage import start_stage
 from qlora_helpers.train import resume_checkpoint
 
-from conftest import REPO
+from conftest import REPO, ctrl_c_reaches_it
 
 HOLDER = """
 import sys, time
@@ -227,7 +227,8 @@ def test_two_pipelines_at_once_then_sigkills_at_random_moments(tmp_path):
 def test_ctrl_c_of_the_pipeline_is_one_line_saying_how_to_resume(moment, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "qlora_helpers", "run", "--profile", "test", "--run-dir",
-                             str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=ctrl_c_reaches_it)
     deadline = time.time() + 120
     while not (run_dir / moment).exists():  # config.json: notebook 01's first cell has run, the next ones run
         assert proc.poll() is None and time.time() < deadline
