@@ -30,29 +30,9 @@ from qlora_helpers.data import load_tokenizer, prepare_data
 from qlora_helpers.model import attach_lora, load_base_model
 from qlora_helpers.packing import make_collator
 from qlora_helpers.runs import environment
-from qlora_helpers.train import build_trainer, training_arguments, training_datasets
+from qlora_helpers.train import build_trainer, training_datasets
 
-
-def lora_dtypes(model) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            out[str(p.dtype)] = out.get(str(p.dtype), 0) + p.numel()
-    return out
-
-
-def sft_trainer(stage: Stage, model, tokenizer, padding_free: bool = True):
-    """SFTTrainer with the project's TrainingArguments (as SFTConfig) on the project's tokenized examples, which
-    carry their own labels (-100 on the prompt), so TRL keeps them as they are."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    train_ds, _ = training_datasets(stage)
-    args = training_arguments(stage, len(train_ds)).to_dict()
-    args.update(eval_strategy="no", save_strategy="no", load_best_model_at_end=False, metric_for_best_model=None,
-                greater_is_better=None, report_to="none")
-    return SFTTrainer(model=model, args=SFTConfig(**args, padding_free=padding_free, max_length=None),
-                      train_dataset=Dataset.from_list(train_ds), processing_class=tokenizer)
+from gpu_bench import lora_dtypes, trl_trainer  # the GPU rows build SFTTrainer the same way
 
 
 def exactness(stage: Stage, tokenizer, model) -> dict:
@@ -80,7 +60,7 @@ def exactness(stage: Stage, tokenizer, model) -> dict:
             "max_abs_logit_diff_packed_vs_alone": round(worst, 6)}
 
 
-def run(stage: Stage, tokenizer, which: str, padding_free: bool = True) -> dict:
+def run(stage: Stage, tokenizer, which: str) -> dict:
     model = attach_lora(stage, load_base_model(stage))
     before = lora_dtypes(model)
     extra = {}
@@ -91,7 +71,8 @@ def run(stage: Stage, tokenizer, which: str, padding_free: bool = True) -> dict:
         trainer.args.load_best_model_at_end = False
     else:
         extra = {"packing_exactness": exactness(stage, tokenizer, model)}
-        trainer = sft_trainer(stage, model, tokenizer, padding_free)
+        # SFTConfig(padding_free=True): the micro-batch flattened into one row, as the project's collator does
+        trainer = trl_trainer(stage, model, tokenizer, {"padding_free": True, "max_length": None})
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0

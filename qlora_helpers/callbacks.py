@@ -34,7 +34,6 @@ def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-
 def metrics_callback(stage: Stage):
     """Appends one JSON line per log event to RUN_DIR/train/metrics.jsonl; a resumed run first drops the
     lines past the checkpoint it resumes from, so every step appears exactly once. Stops on a NaN loss."""
