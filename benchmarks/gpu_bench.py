@@ -71,9 +71,14 @@ RECIPES: dict[str, dict] = {
     # tokens have no SFTTrainer equivalent (padding-free flattens a micro-batch into one row and refuses a custom
     # collator): its nearest is bfd packing into 1,024-token bins, one bin per micro-step, accumulated to about
     # kaggle-t4's tokens per step. gpu-fast's one packed row per micro-batch is SFTTrainer's padding_free.
-    "trl-t4": {"profile": "kaggle-t4", "cap_gib": 15.0, "kind": "t4", "overrides": {},
+    "trl-t4": {"profile": "kaggle-t4", "cap_gib": 15.0, "kind": "t4", "compare": "kaggle-t4", "overrides": {},
                "trl": {"packing": True, "packing_strategy": "bfd", "max_length": 1024, "bins_per_micro_batch": 1}},
-    "trl-fast": {"profile": "gpu-fast", "cap_gib": None, "kind": "fast", "overrides": {},
+    # trl-t4 stops at its first optimizer step (SFTTrainer casts the LoRA weights of a 4-bit model to bf16 and fp16's
+    # GradScaler cannot unscale bf16 gradients: measured 2026-12-02); the same with the weights put back in fp32.
+    "trl-t4-fp32lora": {"profile": "kaggle-t4", "cap_gib": 15.0, "kind": "t4", "compare": "kaggle-t4", "overrides": {},
+                        "trl": {"packing": True, "packing_strategy": "bfd", "max_length": 1024, "bins_per_micro_batch": 1,
+                                "lora_fp32": True}},
+    "trl-fast": {"profile": "gpu-fast", "cap_gib": None, "kind": "fast", "compare": "gpu-fast", "warmup": 4, "overrides": {},
                  "trl": {"packing": False, "padding_free": True, "max_length": None}},
 }
 # Numerical sanity: the seed recipe (targets corrected) and every profile on the same batches of 8 examples from
@@ -88,11 +93,17 @@ for _profile in ("kaggle-t4", "gpu-fast"):
         "train.micro_batch_size": 8, "train.grad_accum": 1}}
 RECIPES["sanity-low-memory"] = {"profile": "low-memory", "cap_gib": None, "sanity": True, "overrides": {
     "train.grad_accum": 2}}
-# What fits one launch of ten minutes on one H200 (measured 2026-12-01: the sanity phase ~80 s, kaggle-t4 ~30 s,
-# unsloth-t4 ~80 s, gpu-fast ~140 s with its compiling, unsloth-fast ~75 s, low-memory ~60 s). The TRL rows (~60 s
-# and ~140 s) do not fit beside them: run them as a second launch with --recipes trl-t4,trl-fast --append.
-DEFAULT_RECIPES = ["sanity-seed", "sanity-kaggle-t4", "sanity-gpu-fast", "sanity-low-memory",
-                   "kaggle-t4", "unsloth-t4", "gpu-fast", "unsloth-fast", "low-memory"]
+# Launches of at most ten minutes on one H200 (--recipes NAME takes these names too). headline: every speed and
+# memory figure the README quotes, each profile beside Unsloth's row of its kind (measured 2026-12-01: kaggle-t4
+# ~30 s, unsloth-t4 ~80-100 s, gpu-fast ~140 s with its compiling, unsloth-fast ~75 s, low-memory ~60 s).
+# sanity+trl: the loss-only sanity runs side by side, then TRL's SFTTrainer rows, each followed by the project's
+# profile it stands in for, so every TRL ratio compares rows of one launch.
+LAUNCHES = {
+    "headline": ["kaggle-t4", "unsloth-t4", "gpu-fast", "unsloth-fast", "low-memory"],
+    "sanity": ["sanity-seed", "sanity-kaggle-t4", "sanity-gpu-fast", "sanity-low-memory"],
+    "trl": ["trl-t4", "trl-t4-fp32lora", "kaggle-t4", "trl-fast", "gpu-fast"],
+}
+DEFAULT_RECIPES = LAUNCHES["headline"]
 
 # Levers tried one at a time (--recipes with these names; 'a+b' shares one process): what wins becomes a profile.
 LEVERS = {
@@ -220,6 +231,7 @@ def trl_trainer(stage, model, tokenizer, trl_opts: dict):
                 greater_is_better=None, report_to="none")
     opts = dict(trl_opts)
     bins = opts.pop("bins_per_micro_batch", None)
+    lora_fp32 = opts.pop("lora_fp32", False)
     if bins:  # one bin of max_length tokens per micro-step, accumulated to about the profile's tokens per step
         mean = sum(len(e["input_ids"]) for e in train_ds) / len(train_ds)
         tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * mean
@@ -228,7 +240,13 @@ def trl_trainer(stage, model, tokenizer, trl_opts: dict):
     before = lora_dtypes(model)
     trainer = SFTTrainer(model=model, args=SFTConfig(**args, **opts), train_dataset=Dataset.from_list(train_ds),
                          processing_class=tokenizer)
-    trainer.bench_info = {"lora_dtypes_before": before, "lora_dtypes_after_sft_init": lora_dtypes(trainer.model),
+    after_init = lora_dtypes(trainer.model)
+    if lora_fp32:  # undo SFTTrainer's cast of the LoRA weights to bf16 (under fp16 the GradScaler refuses bf16 grads)
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    trainer.bench_info = {"lora_dtypes_before": before, "lora_dtypes_after_sft_init": after_init,
+                          "lora_dtypes_trained": lora_dtypes(trainer.model),
                           "is_loaded_in_4bit": bool(getattr(model, "is_loaded_in_4bit", False)),
                           "sft": {k: getattr(trainer.args, k) for k in (
                               "packing", "packing_strategy", "padding_free", "max_length", "per_device_train_batch_size",
@@ -427,7 +445,8 @@ def main() -> None:
     ap.add_argument("--lengths", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                    help="comma-separated names; names joined by '+' share one process and one model")
+                    help="comma-separated names (or launches: " + ", ".join(LAUNCHES) + "); names joined by '+' share "
+                         "one process and one model")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -448,7 +467,7 @@ def main() -> None:
     if args.append and Path(args.out).exists():
         results["recipes"] = json.loads(Path(args.out).read_text())["recipes"]
     previous = list(results["recipes"])
-    groups = args.recipes.split(",")
+    groups = list(dict.fromkeys(g for name in args.recipes.split(",") for g in LAUNCHES.get(name, [name])))
     done: dict[str, dict] = {}
     lock = threading.Lock()
 
@@ -537,19 +556,22 @@ def sanity_check(results: list[dict]) -> dict | None:
 
 def side_by_side(results: dict) -> str:
     """The launch's table: every timed recipe with tokens/s, MFU, peak reserved and its ratio to Unsloth's row of
-    the same kind in this launch."""
+    the same kind in this launch (a TRL row: to the project's profile it stands in for, in this launch)."""
     rows = [r for r in results["recipes"] if not r["recipe"].startswith("sanity-")]
     unsloth = {r["kind"]: r.get("tokens_per_s") for r in rows if r["recipe"].startswith("unsloth") and r.get("kind")}
-    lines = ["| recipe | tokens/s | MFU | peak reserved | vs Unsloth |", "|---|---|---|---|---|"]
+    ours = {r["recipe"]: r.get("tokens_per_s") for r in rows}
+    lines = ["| recipe | tokens/s | MFU | peak reserved | vs Unsloth | vs the project |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['recipe']} | {r.get('skipped') or 'error'} | | | |")
+            lines.append(f"| {r['recipe']} | {r.get('skipped') or 'error'} | | | | |")
             continue
         ref = unsloth.get(r.get("kind"))
         ratio = f"{r['tokens_per_s'] / ref:.2f}x vs unsloth-{r['kind']}" if ref else ""
+        mine = RECIPES.get(r["recipe"], {}).get("compare")
+        vs_ours = f"{r['tokens_per_s'] / ours[mine]:.2f}x vs {mine}" if ours.get(mine) else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         peak = f"{r['peak_reserved_gib']:.2f} GiB" if r.get("peak_reserved_gib") is not None else ""
-        lines.append(f"| {r['recipe']} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} | {ratio} |")
+        lines.append(f"| {r['recipe']} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} | {ratio} | {vs_ours} |")
     return "\n".join(lines)
 
 

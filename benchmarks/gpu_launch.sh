@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One launch of the GPU benchmark on a lent GPU machine, from a bare machine: install the carried wheels, then run.
 #
-#   bash benchmarks/gpu_launch.sh OUT_DIR [final|explore]
-#   RECIPES=trl-t4,trl-fast APPEND=1 bash benchmarks/gpu_launch.sh OUT_DIR final   # a second launch, same JSON
+#   bash benchmarks/gpu_launch.sh OUT_DIR [final|explore]     # final: the headline rows (README's table)
+#   RECIPES=sanity,trl bash benchmarks/gpu_launch.sh OUT_DIR final   # the loss sanity runs and TRL's rows
 #
-# Expects, beside this checkout (in ../ when run from .dev/perf): wheels/ (pydantic and its three helpers,
+# Expects, in the checkout's .dev/ (or beside the checkout, in ../ when run from .dev/perf): wheels/ (pydantic and its three helpers,
 # liger-kernel, and Unsloth's and TRL's wheels: unsloth, unsloth_zoo, trl, datasets, ...), site/bitsandbytes (the
 # wheel unpacked with only its cpu and cuda130 libraries) and alpaca_lengths.json (benchmarks/alpaca_lengths.py).
 # docs/benchmarks.md says how to fetch them. Unsloth's and TRL's packages go on their processes' path only.
 set -euo pipefail
 OUT=${1:?out dir}; MODE=${2:-final}
-HERE=$(cd "$(dirname "$0")/.." && pwd); DEV=$(cd "$HERE/.." && pwd)
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+if [ -d "$HERE/.dev/wheels" ]; then DEV="$HERE/.dev"; else DEV=$(cd "$HERE/.." && pwd); fi
 MAIN=/tmp/site-main; EXTRA=/tmp/site-extra
 mkdir -p "$MAIN" "$EXTRA" "$OUT"
 if [ ! -e "$MAIN/.done" ]; then
