@@ -45,14 +45,13 @@ BENCH_ONLY = ("train.max_steps", "train.epochs", "train.logging_steps", "train.e
               "train.max_minutes", "train.seed")
 
 
+HEADLINE = "gpu_bench-h200-2026-12-02.json"  # one launch: every profile beside Unsloth's row of its kind
+
+
 @pytest.mark.parametrize("profile, results, recipe, set_by_the_run", [
-    # the final launch, beside Unsloth's T4-style row
-    ("kaggle-t4", "gpu_bench-h200-2026-12-01b.json", "kaggle-t4", ()),
-    # the launch before it, beside Unsloth's fastest row (the final launch stopped gpu-fast at its deadline)
-    ("gpu-fast", "gpu_bench-h200-2026-12-01a.json", "gpu-fast", ()),
-    # low-memory's peak memory was measured by the final launch's sanity run, which sets the learning rate and two
-    # micro-steps per step; its speed alone was not measured (docs/benchmarks.md)
-    ("low-memory", "gpu_bench-h200-2026-12-01b.json", "sanity-low-memory", ("train.grad_accum", "train.learning_rate")),
+    ("kaggle-t4", HEADLINE, "kaggle-t4", ()),
+    ("gpu-fast", HEADLINE, "gpu-fast", ()),
+    ("low-memory", HEADLINE, "low-memory", ()),
 ])
 def test_speed_profiles_are_the_recipes_the_gpu_benchmark_measured(profile, results, recipe, set_by_the_run):
     measured = {r["recipe"]: r for r in json.loads((RESULTS / results).read_text())["recipes"]}[recipe]
@@ -61,6 +60,19 @@ def test_speed_profiles_are_the_recipes_the_gpu_benchmark_measured(profile, resu
               if k not in BENCH_ONLY + set_by_the_run and flat.get(k) != v}
     assert not differ, f"{profile} differs from the measured {recipe} (profile, measured): {differ}"
     assert measured.get("peak_reserved_gib")
+
+
+def test_the_headline_launch_holds_every_figure_the_readme_quotes():
+    """Issue 16's targets, read from the one committed launch the README's GPU table comes from."""
+    launch = json.loads((RESULTS / HEADLINE).read_text())
+    rows = {r["recipe"]: r for r in launch["recipes"]}
+    tps = {name: r["tokens_per_s"] for name, r in rows.items()}
+    assert tps["kaggle-t4"] / tps["unsloth-t4"] >= 2.0
+    assert rows["kaggle-t4"]["peak_reserved_gib"] <= 14.0 and rows["kaggle-t4"]["cap_gib"] == 15.0
+    assert tps["gpu-fast"] / tps["unsloth-fast"] >= 2.0 and rows["gpu-fast"]["mfu"] >= 0.40
+    assert rows["low-memory"]["peak_reserved_gib"] <= 3.3 and tps["low-memory"] >= 1000
+    assert all(r["config"]["lora.target_modules"] == "qkv_proj,o_proj,gate_up_proj,down_proj"
+               for name, r in rows.items() if not name.startswith("unsloth"))
 
 
 @pytest.mark.parametrize("overrides, fragment", [
