@@ -73,14 +73,12 @@ RECIPES: dict[str, dict] = {
     # kaggle-t4's tokens per step. gpu-fast's one packed row per micro-batch is SFTTrainer's padding_free.
     "trl-t4": {"profile": "kaggle-t4", "cap_gib": 15.0, "kind": "t4", "compare": "kaggle-t4", "overrides": {},
                "trl": {"packing": True, "packing_strategy": "bfd", "max_length": 1024, "bins_per_micro_batch": 1}},
-    # trl-t4 stops at its first optimizer step (SFTTrainer casts the LoRA weights of a 4-bit model to bf16 and fp16's
-    # GradScaler cannot unscale bf16 gradients: measured 2026-12-02); the same with the weights put back in fp32.
-    "trl-t4-fp32lora": {"profile": "kaggle-t4", "cap_gib": 15.0, "kind": "t4", "compare": "kaggle-t4", "overrides": {},
-                        "trl": {"packing": True, "packing_strategy": "bfd", "max_length": 1024, "bins_per_micro_batch": 1,
-                                "lora_fp32": True}},
     "trl-fast": {"profile": "gpu-fast", "cap_gib": None, "kind": "fast", "compare": "gpu-fast", "warmup": 4, "overrides": {},
                  "trl": {"packing": False, "padding_free": True, "max_length": None}},
 }
+# trl-t4 stops at its first optimizer step (SFTTrainer casts the LoRA weights of a 4-bit model to bf16 and fp16's
+# GradScaler cannot unscale bf16 gradients: measured 2026-12-02); the same with the weights put back in fp32.
+RECIPES["trl-t4-fp32lora"] = {**RECIPES["trl-t4"], "trl": {**RECIPES["trl-t4"]["trl"], "lora_fp32": True}}
 # Numerical sanity: the seed recipe (targets corrected) and every profile on the same batches of 8 examples from
 # the same seed, on data a random-weights model can learn (tokens from a 256-id subset, so the loss can fall from
 # ln(32064) toward ln(256)); their loss curves must agree within a few percent. Only the batch shape changes
@@ -94,10 +92,11 @@ for _profile in ("kaggle-t4", "gpu-fast"):
 RECIPES["sanity-low-memory"] = {"profile": "low-memory", "cap_gib": None, "sanity": True, "overrides": {
     "train.grad_accum": 2}}
 # Launches of at most ten minutes on one H200 (--recipes NAME takes these names too). headline: every speed and
-# memory figure the README quotes, each profile beside Unsloth's row of its kind (measured 2026-12-01: kaggle-t4
-# ~30 s, unsloth-t4 ~80-100 s, gpu-fast ~140 s with its compiling, unsloth-fast ~75 s, low-memory ~60 s).
+# memory figure the README quotes, each profile beside Unsloth's row of its kind (386 s on 2026-12-02: kaggle-t4
+# 39 s, unsloth-t4 91 s, gpu-fast 134 s with its compiling, unsloth-fast 64 s, low-memory 58 s).
 # sanity+trl: the loss-only sanity runs side by side, then TRL's SFTTrainer rows, each followed by the project's
-# profile it stands in for, so every TRL ratio compares rows of one launch.
+# profile it stands in for, so every TRL ratio compares rows of one launch (390 s on 2026-12-02, without
+# trl-t4-fp32lora, which took 113 s in a call of its own).
 LAUNCHES = {
     "headline": ["kaggle-t4", "unsloth-t4", "gpu-fast", "unsloth-fast", "low-memory"],
     "sanity": ["sanity-seed", "sanity-kaggle-t4", "sanity-gpu-fast", "sanity-low-memory"],
