@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ["QLORA_BATCH"] = "1"  # the notebooks run unattended here: no widgets waiting for input
 
 NBMAKE_PARAMETERS = {"PROFILE": "test", "OVERRIDES": {}}
 

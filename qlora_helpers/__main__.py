@@ -129,22 +129,24 @@ def add_inspect_model(sub) -> None:
 
 
 def add_train(sub) -> None:
-    """``train --run-dir DIR``: only the training stage, on a run directory notebooks 01 and 02 made; what
-    ``accelerate launch --num_processes 2 -m qlora_helpers train --run-dir DIR`` runs on each GPU."""
+    """``train --run-dir DIR``: notebook 03 alone, on a run directory notebooks 01 and 02 made; what each process
+    of ``accelerate launch --num_processes 2 -m qlora_helpers train --run-dir DIR`` runs (qlora_helpers.distributed)."""
     def train(args) -> int:
         import json
 
-        from accelerate import PartialState
+        from .distributed import launched_processes, run_training_notebook
 
-        from .distributed import train_stage
-
-        metrics = train_stage(args.run_dir)
-        if PartialState().is_main_process:  # the Trainer has set up the process group by now
-            print(f"[qlora] training finished: {json.dumps({k: v for k, v in metrics.items() if k != 'memory'})}")
+        metrics = run_training_notebook(args.run_dir, kernel=args.kernel)
+        if int(os.environ.get("RANK") or 0) == 0:
+            where = f" on {launched_processes()} processes" if launched_processes() else ""
+            print(f"[qlora] training finished{where}: "
+                  f"{json.dumps({k: v for k, v in metrics.items() if k not in ('memory', 'time_budget')})}")
         return 0
 
-    p = sub.add_parser("train", help="run only the training stage on an existing run directory (under accelerate launch: on every GPU)")
-    p.add_argument("--run-dir", required=True, help="a run directory holding config.json and data/ (notebooks 01 and 02)")
+    p = sub.add_parser("train", help="run only notebook 03 (training) on an existing run directory "
+                                     "(under accelerate launch: in every process)")
+    p.add_argument("--run-dir", required=True, help="a run directory that notebooks 01 and 02 made")
+    p.add_argument("--kernel", default="python3")
     p.set_defaults(func=train)
 
 

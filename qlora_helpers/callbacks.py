@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import UserError
+from .places import interactive
 from .runlock import hold, let_go
 from .runs import peak_gpu_reserved_gib, peak_rss_gib, write_text
 from .stage import Stage
@@ -123,20 +124,56 @@ def time_budget_callback(stage: Stage):
     return TimeBudget()
 
 
+def loss_points(run_dir: str | Path) -> tuple[list, list]:
+    """(step, training loss) and (step, validation loss) pairs from train/metrics.jsonl."""
+    log = read_metrics_log(run_dir)
+    return ([(r["step"], r["loss"]) for r in log if r["kind"] == "train" and r.get("loss") is not None],
+            [(r["step"], r["eval_loss"]) for r in log if r["kind"] == "eval"])
+
+
+def loss_figure(train: list, val: list, max_steps: int | None = None, size: tuple = (6, 3)):
+    """The training and validation loss against the optimizer step, as a matplotlib Figure (no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    if max_steps:
+        ax.set_xlim(0, max_steps)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def png(fig) -> bytes:
+    """A figure as PNG bytes: what a notebook embeds, whatever matplotlib backend the kernel has."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
 def live_plot_callback():
-    """In a notebook, a loss plot that redraws at every log step (an IPython display handle, so it needs no
-    widgets and leaves the final figure in the saved notebook)."""
+    """In a notebook, a loss plot that redraws at every log step: an IPython display handle updated with a PNG, so
+    it needs no widgets and the saved notebook keeps the last figure as an image that renders anywhere."""
     from transformers import TrainerCallback
 
     class LivePlot(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            from IPython.display import display
+            from IPython.display import Markdown, display
 
             self.train, self.val = [], []
-            self.handle = display("training: the loss plot appears at the first log step", display_id=True)
+            self.handle = display(Markdown("*The loss plot appears here at the first logged step.*"), display_id=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            from matplotlib.figure import Figure
+            from IPython.display import Image
 
             logs = logs or {}
             if "loss" in logs and "train_loss" not in logs:
@@ -145,28 +182,12 @@ def live_plot_callback():
                 self.val.append((state.global_step, logs["eval_loss"]))
             if not self.train or args.process_index != 0:
                 return
-            fig = Figure(figsize=(6, 3))
-            ax = fig.subplots()
-            ax.plot(*zip(*self.train), label="training loss")
-            if self.val:
-                ax.plot(*zip(*self.val), "o-", label="validation loss")
-            ax.set_xlabel("step")
-            ax.set_xlim(0, state.max_steps)
-            ax.legend()
-            self.handle.update(fig)
+            self.handle.update(Image(data=png(loss_figure(self.train, self.val, state.max_steps)), format="png"))
 
     return LivePlot()
 
 
-def in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-
-        return type(get_ipython()).__name__ == "ZMQInteractiveShell"
-    except ImportError:
-        return False
-
-
 def training_callbacks(stage: Stage) -> list:
-    """metrics.jsonl (and the NaN guard), the time budget, and in a notebook a live loss plot."""
-    return [metrics_callback(stage), time_budget_callback(stage)] + ([live_plot_callback()] if in_notebook() else [])
+    """metrics.jsonl (and the NaN guard), the time budget, and in a notebook someone watches a live loss plot (run
+    unattended, notebook 03 draws the finished plot from the log instead)."""
+    return [metrics_callback(stage), time_budget_callback(stage)] + ([live_plot_callback()] if interactive() else [])

@@ -17,34 +17,34 @@ from typing import Any
 
 from .config import UserError
 from .data import Formatter, load_split
-from .model import load_base_model
 from .runlock import writing
-from .runs import memory_snapshot, write_json, write_text
+from .runs import memory_snapshot, read_json, write_json, write_text
 from .stage import Stage
 
 
-def load_finetuned(stage: Stage):
-    """Base model quantized as in training, with the trained adapter attached (not merged)."""
-    from peft import PeftModel
+def evaluation_arguments(stage: Stage):
+    """The TrainingArguments notebook 03 trained with (train/training_args.json), for an evaluation pass: the same
+    micro-batch and precision, so the fine-tuned loss is the one training reported; no progress table (an
+    evaluation-only Trainer's would read "Training Loss: No log") and no compiling for a single pass."""
+    from transformers import TrainingArguments
 
-    adapter = stage.path("adapter")
-    if not (adapter / "adapter_config.json").exists():
-        raise UserError(f"{adapter} has no adapter: run notebook 03_lora_training on this run directory first")
-    model = PeftModel.from_pretrained(load_base_model(stage), str(adapter))
-    model.eval()
-    return model
+    saved = read_json(stage.path("train", "training_args.json"))
+    if not saved:
+        raise UserError(f"{stage.path('train', 'training_args.json')}: no such file; run notebook 03_lora_training "
+                        "on this run directory first")
+    return TrainingArguments(**{**saved, "disable_tqdm": True, "torch_compile": False})
 
 
 def validation_loss(stage: Stage, model, tokenizer, examples: list[dict[str, Any]]) -> dict[str, float]:
     """The Trainer's eval_loss on `examples` (response tokens only, training's collator) and its perplexity."""
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     from .packing import make_collator
-    from .train import training_arguments
 
     data = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
-    trainer = Trainer(model=model, args=training_arguments(stage, len(data), world=1), eval_dataset=data,
+    trainer = Trainer(model=model, args=evaluation_arguments(stage), eval_dataset=data,
                       data_collator=make_collator(stage, tokenizer), processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # without progress bars it would print the metrics dict: returned instead
     loss = trainer.evaluate()["eval_loss"]
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
@@ -163,6 +163,23 @@ def evaluate_run(stage: Stage, model, tokenizer) -> dict[str, Any]:
     with writing(run_dir, "stage 4 (evaluation)"):
         write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def before_after_table(metrics: dict[str, Any]):
+    """eval/metrics.json's headline numbers, base against fine-tuned, as a table for notebook 04."""
+    import pandas as pd
+
+    def pct(v):
+        return "not measured" if v is None else f"{100 * v:.1f}%"
+
+    rows = {}
+    for label in ("base", "finetuned"):
+        m = metrics[label]
+        rows["base" if label == "base" else "fine-tuned"] = {
+            "validation loss": f"{m['val_loss']:.4f}", "perplexity": f"{m['perplexity']:,.2f}",
+            "exact match": pct(m["exact_match"]), "ROUGE-L": f"{m['rouge_l']:.3f}", "stop rate": pct(m["stop_rate"]),
+            "generation tokens/s": f"{m['generation']['tokens_per_s']:,.1f}" if m["generation"]["tokens_per_s"] else "not measured"}
+    return pd.DataFrame(rows)
 
 
 def read_generations(run_dir: str | Path) -> list[dict[str, Any]]:

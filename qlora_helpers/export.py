@@ -82,7 +82,15 @@ def load_dequantized(stage: Stage, dtype: str):
     plain ``dtype`` weights: the NF4-rounded values the adapter was trained against, as an ordinary model."""
     import torch
 
-    model = load_base_model(stage).dequantize(dtype=getattr(torch, dtype))
+    import logging
+
+    # transformers says, as a warning, that it dequantizes in fp32 and casts to `dtype`: what is asked for here
+    noisy = logging.getLogger("transformers.integrations.bitsandbytes")
+    level, _ = noisy.level, noisy.setLevel(logging.ERROR)
+    try:
+        model = load_base_model(stage).dequantize(dtype=getattr(torch, dtype))
+    finally:
+        noisy.setLevel(level)
     model.to(getattr(torch, dtype))  # the layers that were never quantized (embeddings, norms) too
     model.eval()
     return model
@@ -127,17 +135,6 @@ def save_merged(stage: Stage, merged, started: float | None = None) -> dict[str,
             "bytes": _dir_bytes(out)}
     if started is not None:
         info["wall_s"] = round(time.time() - started, 2)
-    return info
-
-
-def merge_adapter(stage: Stage) -> dict[str, Any]:
-    """Merge the adapter into the eval.merge_into base and save it: what notebook 04 does in its own cells."""
-    t0 = time.time()
-    # safe_merge checks every merged weight for NaN/inf before it replaces the original.
-    merged = with_adapter(stage, merge_base(stage)).merge_and_unload(safe_merge=True)
-    info = save_merged(stage, merged, t0)
-    del merged
-    gc.collect()
     return info
 
 
@@ -325,14 +322,6 @@ def check_before_export(stage: Stage) -> None:
     adapter_dir(stage)
     if stage.cfg.eval.push_to_hub.strip():
         hub_token_for(stage.cfg.eval.push_to_hub.strip())  # a missing token fails now, not after the merge
-
-
-def export_run(stage: Stage) -> dict[str, Any]:
-    """Everything notebook 04 exports: checks the adapter, merges and verifies (eval.export_merged),
-    pushes (eval.push_to_hub); writes RUN_DIR/export/metrics.json and returns it."""
-    check_before_export(stage)
-    merged = merge_adapter(stage) if stage.cfg.eval.export_merged else None
-    return finish_export(stage, merged)
 
 
 def finish_export(stage: Stage, merged: dict[str, Any] | None) -> dict[str, Any]:

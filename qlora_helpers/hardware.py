@@ -63,6 +63,13 @@ def choose_compute_dtype(requested: str, hw: dict[str, Any]) -> str:
     return "bfloat16" if hw["bf16"] else "float16"
 
 
+def resolve_optim(optim: str, device: str) -> str:
+    """train.optim, where auto means paged 8-bit AdamW on a GPU (bitsandbytes) and plain AdamW on a CPU."""
+    if optim != "auto":
+        return optim
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
 # --------------------------------------------------------------------------- settings this machine cannot train with
 def check_liger(use_liger: bool, hw: dict[str, Any]) -> None:
     """Liger's kernels are Triton kernels: CUDA only, and a separate package."""

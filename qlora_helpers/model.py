@@ -1,19 +1,27 @@
-"""Stage 2: the objects that make QLoRA, built from the config and checked, for the notebook to show and use.
+"""Stage 2: the checks and the plumbing around the objects that make QLoRA, which notebook 02 builds in its own cells.
 
-* ``quantization_config``: the ``BitsAndBytesConfig`` (NF4, double quantization, the compute dtype the
-  hardware allows);
-* ``load_base_model``: ``from_pretrained(..., quantization_config=...)`` onto this process's GPU (the
-  notebook makes the same call in plain sight; the command line and evaluation use this one);
-* ``lora_config``: PEFT's ``LoraConfig`` on target names checked against the model's real layers (Phi-3
-  fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``; a Llama list would match only two);
-* counts that do not halve 4-bit weights, the LoRA coverage table, and the metrics notebook 02 saves.
+How the pieces are shared (the same on the CPU, one GPU, two GPUs and under ``python -m qlora_helpers run``):
+
+* Notebook 02 constructs ``BitsAndBytesConfig(...)`` and ``LoraConfig(...)`` in plain sight, every argument from the
+  config object with its reason; ``check_quantization_config`` and ``check_lora_config`` guard what the cell built
+  (the compute dtype the hardware has, target names that match real layers, values that agree with config.json);
+  ``save_model_configs`` writes both into the run directory in the libraries' own formats.
+* Notebooks 03 and 04 read them back (``load_quantization_config``, ``load_lora_config``) and make the library calls
+  (``from_pretrained``, ``get_peft_model``, ``PeftModel.from_pretrained``) in their cells. Notebook 03 builds
+  ``TrainingArguments(...)`` and the ``Trainer`` in its cells; on two GPUs each process runs notebook 03 itself
+  (qlora_helpers.distributed), so no twin of these cells exists in the package.
+* The export's checks reload the base model with ``load_base_model``: the same ``from_pretrained`` with the saved
+  quantization config. ``inspect-model`` and the benchmarks, which work before any run directory exists, build
+  the profile's objects with ``qlora_helpers.inspect_model.profile_configs`` (tests check it agrees with notebook 02).
+
+Also here: counts that do not halve 4-bit weights, the LoRA coverage table, and the metrics notebook 02 saves.
 """
 from __future__ import annotations
 
 import os
-import pickle
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import ConfigError, UserError
 from .runs import memory_snapshot, write_json
@@ -22,20 +30,32 @@ from .stage import Stage
 GIB = 2**30
 
 
-# --------------------------------------------------------------------------- quantization and loading
-def quantization_config(stage: Stage):
-    """The BitsAndBytesConfig for quant.*: NF4 (or FP4) 4-bit with optional double quantization, int8, or
-    None for quant.mode=none. The compute dtype is the one the hardware allows (fp16 on a T4)."""
-    from transformers import BitsAndBytesConfig
+# --------------------------------------------------------------------------- the quantization config
+QUANTIZATION_FILE = Path("model") / "quantization_config.json"
+LORA_DIR = Path("model") / "lora"
 
-    mode = stage.cfg.quant.mode
-    if mode == "none":
-        return None
-    if mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
-                              bnb_4bit_use_double_quant=stage.cfg.quant.double_quant,
-                              bnb_4bit_compute_dtype=stage.torch_dtype)
+
+def check_quantization_config(stage: Stage, bnb_config) -> None:
+    """Notebook 02's BitsAndBytesConfig against the config and this machine: the quantization quant.mode asks for,
+    and a compute dtype the hardware has (stage.compute_dtype refuses bf16 on a T4)."""
+    q = stage.cfg.quant
+    if q.mode == "none":
+        if bnb_config is not None:
+            raise ConfigError("quant.mode=none, but the cell built a BitsAndBytesConfig; build none (bnb_config = None)")
+        return
+    if bnb_config is None:
+        raise ConfigError(f"quant.mode={q.mode}, but the cell built no BitsAndBytesConfig")
+    got = ("int8" if bnb_config.load_in_8bit else bnb_config.bnb_4bit_quant_type if bnb_config.load_in_4bit else "none")
+    if got != q.mode:
+        raise ConfigError(f"quant.mode={q.mode}, but the BitsAndBytesConfig quantizes to {got}")
+    if bnb_config.load_in_4bit:
+        dtype = str(bnb_config.bnb_4bit_compute_dtype).removeprefix("torch.")
+        if dtype != stage.compute_dtype:
+            raise ConfigError(f"the BitsAndBytesConfig computes in {dtype}, but this machine and quant.compute_dtype "
+                              f"call for {stage.compute_dtype}")
+        if bool(bnb_config.bnb_4bit_use_double_quant) != q.double_quant:
+            raise ConfigError(f"quant.double_quant={q.double_quant}, but the BitsAndBytesConfig says "
+                              f"{bnb_config.bnb_4bit_use_double_quant}")
 
 
 def describe_quantization(stage: Stage) -> str:
@@ -52,32 +72,84 @@ def device_map(stage: Stage) -> dict[str, Any] | str:
     return {"": local_process_index()} if stage.hw["device"] == "cuda" else "cpu"
 
 
-def _holds_weights(folder: str) -> bool:
-    if not Path(folder).is_dir():
-        return True  # a hub id: from_pretrained says what is missing
-    return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
-               for f in os.listdir(folder))
+# --------------------------------------------------------------------------- what notebook 02 hands on
+def save_model_configs(stage: Stage, bnb_config, peft_config) -> None:
+    """The two objects notebook 02 built, in the libraries' own formats, for every later stage and process to read
+    back instead of building its own: model/quantization_config.json (BitsAndBytesConfig.to_dict) and
+    model/lora/adapter_config.json (LoraConfig.save_pretrained)."""
+    import json
+    import shutil
+    import tempfile
+
+    from .runs import replace_dir, write_text
+
+    write_text(stage.path(str(QUANTIZATION_FILE)),
+               json.dumps(bnb_config.to_dict() if bnb_config is not None else None, indent=2, default=str) + "\n")
+    tmp = Path(tempfile.mkdtemp(prefix=".lora.", dir=stage.path("model")))
+    try:
+        peft_config.save_pretrained(str(tmp))
+        replace_dir(tmp, stage.path(str(LORA_DIR)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_base_model(stage: Stage, quantization=True, location: str | None = None, dtype: str | None = None):
-    """The base model as notebook 02 loads it: quantized as configured (``quantization=False``: unquantized,
-    in ``dtype``, default the compute dtype), on this process's GPU if there is one, the KV cache off for training.
-    No prepare_model_for_kbit_training: it would upcast every non-quantized weight (embeddings, output
-    head, norms) to fp32, about 0.4 GB more on Phi-3-mini for nothing."""
+def load_quantization_config(stage: Stage):
+    """The BitsAndBytesConfig notebook 02 built (None for quant.mode=none)."""
+    from transformers import BitsAndBytesConfig
+
+    from .runs import read_json
+
+    path = stage.path(str(QUANTIZATION_FILE))
+    if not path.exists():
+        raise UserError(f"{path}: no such file; run notebook 02_quantized_model_loading on this run directory first")
+    saved = read_json(path)
+    return BitsAndBytesConfig.from_dict(saved) if saved else None
+
+
+def load_lora_config(stage: Stage):
+    """The LoraConfig notebook 02 built."""
+    from peft import LoraConfig
+
+    path = stage.path(str(LORA_DIR))
+    if not (path / "adapter_config.json").exists():
+        raise UserError(f"{path}: no adapter_config.json; run notebook 02_quantized_model_loading on this run directory first")
+    return LoraConfig.from_pretrained(str(path))
+
+
+# --------------------------------------------------------------------------- loading
+def load_base_model(stage: Stage, quantization: Any = True, location: str | None = None, dtype: str | None = None):
+    """The base model loaded as notebooks 02-04 load it in their cells, for the export's checks: quantized with the
+    BitsAndBytesConfig notebook 02 saved (``quantization=False``: unquantized, in ``dtype``, default the compute
+    dtype; a BitsAndBytesConfig: that one), on this process's GPU if there is one, the KV cache off."""
     import torch
     from transformers import AutoModelForCausalLM
 
     source = stage.model
     location = location or source.location
-    if not _holds_weights(location):
-        raise ConfigError(f"model.name '{location}': holds no weights (no *.safetensors or pytorch_model*.bin); "
-                          f"to look at it without weights: python -m qlora_helpers inspect-model --model {location} --random-weights")
     kwargs = dict(source.kwargs) if location == source.location else {"trust_remote_code": stage.cfg.model.trust_remote_code}
-    try:
+    with loading_errors(stage, location):
         model = AutoModelForCausalLM.from_pretrained(
-            location, quantization_config=quantization_config(stage) if quantization else None,
+            location, quantization_config=(load_quantization_config(stage) if quantization is True else quantization or None),
             dtype=getattr(torch, dtype) if dtype else stage.torch_dtype, device_map=device_map(stage),
             attn_implementation=stage.cfg.model.attn_implementation, **kwargs)
+    model.config.use_cache = False
+    keep_cpu_4bit_layers_trainable(model)
+    return model
+
+
+@contextmanager
+def loading_errors(stage: Stage, location: str | None = None) -> Iterator[None]:
+    """Around ``from_pretrained``: a folder without weights, a pickle torch refuses, a cut-short file, each as one
+    line naming model.name."""
+    import pickle
+
+    location = location or stage.model.location
+    if Path(location).is_dir() and not any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
+                                           for f in os.listdir(location)):
+        raise ConfigError(f"model.name '{location}': holds no weights (no *.safetensors or pytorch_model*.bin); "
+                          f"to look at it without weights: python -m qlora_helpers inspect-model --model {location} --random-weights")
+    try:
+        yield
     except OSError as exc:
         raise UserError(f"model.name '{stage.cfg.model.name}': cannot load ({str(exc).strip().splitlines()[0][:200]})") from None
     except pickle.UnpicklingError:
@@ -89,9 +161,6 @@ def load_base_model(stage: Stage, quantization=True, location: str | None = None
             raise
         raise UserError(f"model.name '{stage.cfg.model.name}': a weights file cannot be read ({str(exc)[:200]}); "
                         "it may have been cut short: download it again") from None
-    model.config.use_cache = False
-    keep_cpu_4bit_layers_trainable(model)
-    return model
 
 
 def keep_cpu_4bit_layers_trainable(model) -> None:
@@ -145,10 +214,10 @@ def _names_list(spec: str) -> list[str]:
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def resolve_targets(stage: Stage, model) -> list[str]:
-    """The LoRA target names, checked against the model: every name must match some linear layer.
-    PEFT only fails when nothing matches; a half-matching list trains a fraction of what was meant.
-    The output head counts only when named explicitly (all-linear leaves it out, as PEFT does)."""
+def lora_targets(stage: Stage, model) -> list[str]:
+    """lora.target_modules checked against the model: every name must match some linear layer. PEFT only fails
+    when nothing matches; a half-matching list trains a fraction of what was meant. ``all-linear`` becomes the
+    model's own names. The output head counts only when named explicitly (all-linear leaves it out, as PEFT does)."""
     linear = linear_modules(model)
     spec = stage.cfg.lora.target_modules.strip()
     if spec == "all-linear":
@@ -163,8 +232,9 @@ def resolve_targets(stage: Stage, model) -> list[str]:
     return wanted
 
 
-def resolve_modules_to_save(stage: Stage, model) -> list[str]:
-    """lora.modules_to_save, checked like the targets: PEFT silently trains nothing for a name that matches nothing."""
+def lora_modules_to_save(stage: Stage, model) -> list[str] | None:
+    """lora.modules_to_save, checked like the targets (PEFT silently trains nothing for a name that matches
+    nothing); None when empty, as LoraConfig wants it."""
     wanted = _names_list(stage.cfg.lora.modules_to_save)
     names = [full for full, _ in model.named_modules() if full]
     missing = [m for m in wanted if not any(_matches(full, m) for full in names)]
@@ -173,25 +243,31 @@ def resolve_modules_to_save(stage: Stage, model) -> list[str]:
                           if full and next(module.parameters(recurse=False), None) is not None and not full.split(".")[-1].isdigit()})
         raise ConfigError(f"lora.modules_to_save: {', '.join(missing)} match no module of this model; "
                           f"modules with weights: {', '.join(holders)}")
-    return wanted
+    return wanted or None
 
 
-def lora_config(stage: Stage, model):
-    """PEFT's LoraConfig for lora.*, on target names checked against `model`."""
-    from peft import LoraConfig
-
+def check_lora_config(stage: Stage, model, peft_config) -> None:
+    """Notebook 02's LoraConfig against the config (so config.json and the report say what was trained) and the
+    model (every target name matches a layer): a value typed into the cell by hand is caught here, not after
+    hours of training something else."""
     lo = stage.cfg.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=resolve_targets(stage, model),
-                      use_rslora=lo.use_rslora, use_dora=lo.use_dora,
-                      modules_to_save=resolve_modules_to_save(stage, model) or None, bias="none", task_type="CAUSAL_LM")
-
-
-def attach_lora(stage: Stage, model):
-    """``get_peft_model(model, lora_config(stage, model))``: the frozen base wrapped with trainable adapters.
-    Gradient checkpointing, when configured, is turned on by the Trainer (TrainingArguments)."""
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(stage, model))
+    expected = {"r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "use_rslora": lo.use_rslora,
+                "use_dora": lo.use_dora, "task_type": "CAUSAL_LM"}
+    for key, want in expected.items():
+        got = getattr(peft_config, key)
+        got = getattr(got, "value", got)
+        if got != want:
+            raise ConfigError(f"the LoraConfig has {key}={got!r}, but the config says {want!r} (lora.*); change the "
+                              "config (OVERRIDES / -p) rather than the cell, so the run records what it trained")
+    targets = peft_config.target_modules
+    names = [targets] if isinstance(targets, str) else sorted(targets or [])
+    linear = list(linear_modules(model))
+    head = model.get_output_embeddings()
+    candidates = linear + [full for full, m in model.named_modules() if head is not None and m is head]
+    missing = [t for t in names if t != "all-linear" and not any(_matches(full, t) for full in candidates)]
+    if missing or not names:
+        raise ConfigError(f"LoraConfig target_modules: {', '.join(missing) or 'none given'} match no linear layer of "
+                          f"this model; its linear layers are: {', '.join(sorted(linear_module_names(model)))}")
 
 
 # --------------------------------------------------------------------------- counting

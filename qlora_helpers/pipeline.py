@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import begin_session
+from .places import BATCH_ENV
 from .config import Config, UserError, build_config
 from .runlock import pipeline_lock
 from .runs import REPO_ROOT, default_run_dir, ensure_dir, failed_write, link_latest, write_text
@@ -61,6 +62,7 @@ def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, ke
         link_latest(run_dir)
         begin_session(run_dir)  # this process owns the session: the time budget counts from now for every notebook
         params = {"PROFILE": cfg.profile, "OVERRIDES": dict(overrides), "RUN_DIR": str(run_dir)}
+        os.environ[BATCH_ENV] = "1"  # nobody types into these kernels: the playground shows a table, not a widget
         notebook_dir = Path(notebook_dir or NOTEBOOK_DIR)
         for nb in notebooks(notebook_dir):
             print(f"[qlora] {nb.name} ...", flush=True)
@@ -70,7 +72,16 @@ def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, ke
     return run_dir
 
 
-def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path) -> None:
+def notebook_path(name: str) -> Path:
+    """A stage notebook by file name: in this checkout's notebooks/, or in the copy an installed package carries
+    (the Kaggle dataset's wheel), which is where the processes of a data-parallel launch find notebook 03."""
+    for folder in (NOTEBOOK_DIR, Path(__file__).resolve().parent / "notebooks"):
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"notebook {name} not found in {NOTEBOOK_DIR} nor in the installed package")
+
+
+def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path, log_output: bool = True) -> None:
     """One notebook through papermill. papermill writes the executed notebook as it goes, in place; here it
     writes into notebooks/.running/ and the result is moved over the previous one when the notebook ends (also
     when it fails, with its error cell), so a kill or a full disk never leaves a notebook cut short."""
@@ -81,7 +92,7 @@ def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path)
     try:
         interruptible(lambda: pm.execute_notebook(
             str(nb), str(running), parameters=params, kernel_name=kernel, cwd=str(cwd), progress_bar=False,
-            log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr))
+            log_output=log_output, stdout_file=sys.stdout, stderr_file=sys.stderr))
     except PapermillExecutionError as exc:
         keep_executed(running, out)
         first = (exc.evalue or "").strip().splitlines()

@@ -1,4 +1,5 @@
-"""Where things live on this machine: Kaggle's folders (relocatable for tests) and the project's cache.
+"""Where things live on this machine: Kaggle's folders (relocatable for tests), the project's cache, and whether
+someone sits at the notebook.
 
 On Kaggle, inputs (datasets, models, earlier kernels' outputs) are mounted read-only under /kaggle/input
 and only /kaggle/working is writable and kept as the kernel's output. ``QLORA_KAGGLE_ROOT`` moves that
@@ -31,3 +32,23 @@ def kaggle_working() -> Path:
 def cache_dir() -> Path:
     """Converted models (the embedded GGUF, a user's .gguf file): ``QLORA_CACHE`` or ~/.cache/qlora_helpers."""
     return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora_helpers")
+
+
+def in_notebook() -> bool:
+    """Running in a Jupyter kernel (a notebook, papermill, nbmake), not a plain Python process."""
+    try:
+        from IPython import get_ipython
+
+        return type(get_ipython()).__name__ == "ZMQInteractiveShell"
+    except ImportError:
+        return False
+
+
+BATCH_ENV = "QLORA_BATCH"  # set to 1 by whatever runs the notebooks with nobody at the keyboard (papermill, nbmake)
+
+
+def interactive() -> bool:
+    """A notebook someone can type into: a Jupyter kernel, not run by the pipeline or the tests (QLORA_BATCH=1) nor
+    by Kaggle's "Save Version" (KAGGLE_KERNEL_RUN_TYPE=Batch)."""
+    return (in_notebook() and os.environ.get(BATCH_ENV) != "1"
+            and os.environ.get("KAGGLE_KERNEL_RUN_TYPE", "").lower() != "batch")

@@ -1,6 +1,7 @@
 """Notebook 04's playground: type a prompt (or pick a held-out one) and see the base and the fine-tuned answer
-side by side, with the token budget as a control. Built from ipywidgets; nothing waits for input, so
-papermill and nbmake run past it (they show the widget's text form)."""
+side by side, with the token budget as a control. Built from ipywidgets; nothing waits for input. Where nobody can
+type (papermill, nbmake, a Kaggle "Save Version" run) it shows one real answer pair as a static table instead, so
+the saved notebook holds something to read rather than a widget's text form."""
 from __future__ import annotations
 
 import json
@@ -25,16 +26,29 @@ def answer_pair(stage: Stage, model, tokenizer, prompt: str, max_new_tokens: int
     return out
 
 
-def playground(stage: Stage, model, tokenizer):
-    """The widget: a held-out prompt picker, a text box, a token budget slider, an Answer button, and the two
-    answers side by side below it."""
+def pair_table(prompt: str, answers: dict[str, Any]):
+    """One prompt and the two answers as an HTML table ("…" where an answer ran into the budget without stopping)."""
     import html
 
-    import ipywidgets as w
     from IPython.display import HTML
+
+    cells = "".join(f"<td style='vertical-align:top;padding:6px;text-align:left'><b>{label}</b><br>"
+                    f"{html.escape(a['answer'])}{'' if a['stopped'] else ' …'}</td>" for label, a in answers.items())
+    return HTML(f"<table style='width:100%'><tr><td style='vertical-align:top;padding:6px;text-align:left'><b>prompt"
+                f"</b><br>{html.escape(prompt)}</td>{cells}</tr></table>")
+
+
+def playground(stage: Stage, model, tokenizer):
+    """The widget: a held-out prompt picker, a text box, a token budget slider, an Answer button, and the two
+    answers side by side below it. Run where nobody can type: the first held-out prompt's answers, as a table."""
+    import ipywidgets as w
+
+    from .places import interactive
 
     examples, _, _ = held_out_prompts(stage, tokenizer)
     users = [json.loads(e["prompt_messages"])[-1]["content"] for e in examples]
+    if not interactive():
+        return pair_table(users[0], answer_pair(stage, model, tokenizer, users[0], stage.cfg.eval.max_new_tokens))
     pick = w.Dropdown(options=[("type your own below", -1)] + [(u[:70], i) for i, u in enumerate(users)],
                       description="held-out", layout=w.Layout(width="95%"))
     text = w.Textarea(placeholder="Type a prompt, or pick a held-out one above",
@@ -52,11 +66,7 @@ def playground(stage: Stage, model, tokenizer):
         if not text.value.strip():
             out.append_stdout("type a prompt first\n")
             return
-        answers = answer_pair(stage, model, tokenizer, text.value, budget.value)
-        cells = "".join(
-            f"<td style='vertical-align:top;padding:6px'><b>{label}</b><br>"
-            f"{html.escape(a['answer'])}{'' if a['stopped'] else ' …'}</td>" for label, a in answers.items())
-        out.append_display_data(HTML(f"<table style='width:100%'><tr>{cells}</tr></table>"))
+        out.append_display_data(pair_table(text.value, answer_pair(stage, model, tokenizer, text.value, budget.value)))
 
     pick.observe(on_pick, names="value")
     button.on_click(on_click)

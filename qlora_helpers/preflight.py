@@ -22,6 +22,7 @@ most within 10%, all but one older recipe within 30%.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,6 @@ FRAGMENTATION = 0.15
 WORKSPACE_BYTES = 0.1 * GIB
 # Leave this share of the free memory unused: the estimate is an estimate.
 HEADROOM = 0.10
-# Models whose attention and MLP projections are fused (their LoRA target names differ).
-FUSED_PROJECTIONS = {"phi3"}
 
 
 def bytes_per_quantized_param(cfg: Config, dtype_bytes: int) -> float:
@@ -54,26 +53,56 @@ def bytes_per_quantized_param(cfg: Config, dtype_bytes: int) -> float:
 
 # --------------------------------------------------------------------------- the model's shape
 def model_shape(model_config: Any) -> dict[str, Any]:
-    """Sizes from a transformers config (or config.json as a dict) that the estimate needs."""
+    """Sizes from a transformers config (or config.json as a dict) that the estimate needs, and the linear layers of
+    one decoder layer as the architecture itself defines them (``decoder_linears``)."""
+    if isinstance(model_config, dict):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.for_model(**model_config)
     if hasattr(model_config, "get_text_config"):
         model_config = model_config.get_text_config()
-    get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+    get = lambda k, d=None: getattr(model_config, k, d)  # noqa: E731
     heads = get("num_attention_heads")
     hidden = get("hidden_size")
     return {"model_type": get("model_type", ""), "layers": get("num_hidden_layers"), "hidden": hidden,
             "intermediate": get("intermediate_size"), "vocab": get("vocab_size"), "heads": heads,
             "kv_heads": get("num_key_value_heads") or heads, "head_dim": get("head_dim") or hidden // heads,
-            "tied_embeddings": bool(get("tie_word_embeddings", False))}
+            "tied_embeddings": bool(get("tie_word_embeddings", False)),
+            "linears": decoder_linears(model_config.to_json_string())}
+
+
+@lru_cache(maxsize=8)
+def decoder_linears(config_json: str) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer of one decoder layer, by its LoRA target name, read off the
+    architecture built from config.json on the meta device (no memory, no weights): Phi-3's fused ``qkv_proj`` and
+    ``gate_up_proj``, Llama's split projections, or whatever another architecture has."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(config_json)
+    config = AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    out: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            out.setdefault(name.split(".")[-1], (module.in_features, module.out_features))
+    return out
 
 
 def linear_shapes(shape: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each linear layer of one decoder layer, by its LoRA target name."""
-    h, i = shape["hidden"], shape["intermediate"]
+    return dict(shape["linears"])
+
+
+def fused_qkv(shape: dict[str, Any]) -> bool:
+    """Whether one linear layer computes q, k and v together (Phi-3's qkv_proj): then v is a view of its output and
+    keeps all of it alive for the backward pass."""
     q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
-    if shape["model_type"] in FUSED_PROJECTIONS:
-        return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return any(out == q + 2 * kv for _, out in shape["linears"].values())
 
 
 def lora_targets(cfg: Config, shape: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -107,7 +136,7 @@ def layer_activation_bytes(cfg: Config, shape: dict[str, Any], dtype_bytes: int)
     s, h, i = dtype_bytes, shape["hidden"], shape["intermediate"]
     q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
     norms = 2 * 4 * h
-    v_kept = q + 2 * kv if shape["model_type"] in FUSED_PROJECTIONS else kv
+    v_kept = q + 2 * kv if fused_qkv(shape) else kv
     attention = s * (v_kept + q + kv + q)
     mlp = s * 3 * i
     lora = 0
@@ -174,7 +203,7 @@ def tokens_per_micro_batch(cfg: Config, lengths: dict[str, Any] | None = None) -
 
 
 def optimizer_bytes_per_param(cfg: Config, device: str) -> int:
-    from .train import resolve_optim
+    from .hardware import resolve_optim
 
     name = resolve_optim(cfg.train.optim, device)
     if "8bit" in name:

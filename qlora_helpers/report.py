@@ -13,7 +13,7 @@ from .data import plot_lengths
 from .evaluate import SIDE_BY_SIDE_LEGEND, marked, read_generations
 from .runlock import writing
 from .runs import atomic_path, environment, load_config, read_json, write_json, write_text
-from .callbacks import read_metrics_log
+from .callbacks import loss_figure, loss_points
 
 NM = "not measured"
 
@@ -26,26 +26,12 @@ def _max(*values):
 def plot_loss(run_dir: Path) -> dict[str, str]:
     """Training and validation loss on one figure: PNG (matplotlib) and interactive HTML (plotly)."""
     import plotly.graph_objects as go
-    from matplotlib.figure import Figure
 
-    log = read_metrics_log(run_dir)
-    train = [(r["step"], r["loss"]) for r in log if r["kind"] == "train" and r.get("loss") is not None]
-    val = [(r["step"], r["eval_loss"]) for r in log if r["kind"] == "eval"]
+    train, val = loss_points(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    if train:
-        ax.plot(*zip(*train), label="training loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (response tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     with atomic_path(out / "loss.png") as tmp:
-        fig.savefig(tmp, dpi=120)
+        loss_figure(train, val, size=(7, 4)).savefig(tmp, dpi=120)
     pfig = go.Figure()
     if train:
         pfig.add_scatter(x=[s for s, _ in train], y=[l for _, l in train], name="training loss")
@@ -315,3 +301,20 @@ def _write_report(run_dir: Path) -> dict[str, Any]:
              "## Appendix: environment", "", "```json", json.dumps(environment(), indent=1), "```", ""]
     write_text(run_dir / "report.md", "\n".join(parts))
     return s
+
+
+def show_report(run_dir: str | Path) -> None:
+    """report.md in a notebook: its Markdown, each plot it links embedded as an image, and links to the run's own
+    files shown as paths (a link to a file of the run directory leads nowhere where the notebook is read)."""
+    import re
+
+    from IPython.display import Image, Markdown, display
+
+    run_dir = Path(run_dir)
+    text = (run_dir / "report.md").read_text(encoding="utf-8")
+    text = re.sub(r"(?<!!)\[[^\]]*\]\(((?:report|export|adapter|eval|train|data|model)/[^)]*)\)", r"`RUN_DIR/\1`", text)
+    for i, part in enumerate(re.split(r"!\[[^\]]*\]\((report/[^)]+\.png)\)", text)):
+        if i % 2:
+            display(Image(filename=str(run_dir / part)))
+        elif part.strip():
+            display(Markdown(part))

@@ -173,8 +173,20 @@ def writing(run_dir: str | Path, what: str) -> Iterator[None]:
 @contextmanager
 def pipeline_lock(run_dir: str | Path) -> Iterator[None]:
     """The pipeline's lock for the whole run, announced to the notebook kernels it starts."""
+    with announced_lock(run_dir, "python -m qlora_helpers run"):
+        yield
+
+
+@contextmanager
+def announced_lock(run_dir: str | Path, what: str) -> Iterator[None]:
+    """Hold the lock and announce it to the processes started meanwhile (the pipeline's notebook kernels, the
+    processes of a data-parallel launch), so their stages go ahead under it. Under a holder that covers this
+    process already, a no-op: the announcement it made reaches the new processes too."""
+    if covered_by_parent(run_dir):
+        yield
+        return
     run_dir = _key(run_dir)
-    acquire(run_dir, "python -m qlora_helpers run")
+    acquire(run_dir, what)
     before = os.environ.get(ENV)
     os.environ[ENV] = f"{os.getpid()}:{run_dir}"
     try:

@@ -120,10 +120,22 @@ def check_run(stage: "Stage") -> None:
 
 
 def quiet_libraries() -> None:
-    """bitsandbytes warns on every CPU load that an optional kernels package is missing: noise for a reader."""
+    """bitsandbytes warns on every CPU load that an optional kernels package is missing: noise for a reader. Run
+    unattended (papermill, nbmake, Kaggle's Save Version), the libraries' progress bars are turned off too: in a
+    saved notebook a bar is a widget frozen at 0%, since nothing records its updates."""
     import logging
 
+    from .places import in_notebook, interactive
+
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if in_notebook() and not interactive():
+        import datasets
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+        datasets.disable_progress_bars()
 
 
 def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None) -> Stage:

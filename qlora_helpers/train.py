@@ -1,5 +1,7 @@
-"""Stage 3: the pieces of transformers' Trainer for this config, built and checked here, so notebook 03 and
-the data-parallel command (qlora_helpers.distributed) train alike.
+"""Stage 3: what notebook 03's ``TrainingArguments(...)`` and ``Trainer(...)`` cells need around them: the datasets,
+the number of steps, a guard on the arguments the cell built, resuming from the newest complete checkpoint, and
+saving the best adapter with the whole run's numbers. The cells themselves are the one place the Trainer is built:
+on two GPUs every process runs notebook 03 (qlora_helpers.distributed).
 
 Plain Trainer rather than TRL's SFTTrainer: stage 1 already produced input_ids and labels with the prompt
 masked, so what is left is batching (qlora_helpers.packing), and the Trainer's own checkpoint/resume is what
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .callbacks import read_metrics_log, training_callbacks
+from .callbacks import read_metrics_log
 from .config import UserError
 from .data import load_split
 from .runlock import let_go
@@ -59,79 +61,6 @@ def total_steps(stage: Stage, n_train: int, world: int | None = None) -> int:
     return max(1, math.ceil(t.epochs * n_train / per_step))
 
 
-def resolve_optim(optim: str, device: str) -> str:
-    """train.optim, where auto means paged 8-bit AdamW on a GPU (bitsandbytes) and plain AdamW on a CPU."""
-    if optim != "auto":
-        return optim
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
-
-
-def training_arguments(stage: Stage, n_train: int, world: int | None = None):
-    import os
-
-    from transformers import TrainingArguments
-
-    t, device = stage.cfg.train, stage.hw["device"]
-    steps = total_steps(stage, n_train, world)
-    dynamo = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")
-    if t.torch_compile:
-        # Regional compilation (accelerate's TorchDynamoPlugin reads this when the Trainer builds its accelerator):
-        # one decoder layer is compiled and the other layers reuse it, about a minute instead of many.
-        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1"
-    else:  # TrainingArguments(torch_compile=True) sets these for the process: an earlier config must not leak
-        for key in dynamo:
-            os.environ.pop(key, None)
-    return TrainingArguments(
-        output_dir=str(stage.path("train", "checkpoints")),
-        max_steps=steps,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=math.ceil(t.warmup_ratio * steps),
-        weight_decay=t.weight_decay,
-        optim=resolve_optim(t.optim, device),
-        bf16=stage.compute_dtype == "bfloat16",
-        fp16=stage.compute_dtype == "float16",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        use_liger_kernel=t.use_liger,
-        # Compiled layers fuse their norms, activations and rotary embedding themselves; Liger keeps the fused
-        # linear cross-entropy, which runs outside the layers.
-        liger_kernel_config={"rms_norm": False, "swiglu": False, "rope": False} if t.use_liger and t.torch_compile else None,
-        torch_compile=t.torch_compile,
-        # Under DDP every LoRA weight gets a gradient at every step and the frozen base needs none, so there is
-        # nothing for DDP's per-step search for unused parameters to find; the Trainer would turn it on because
-        # a PeftModel is not a PreTrainedModel.
-        ddp_find_unused_parameters=False,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        seed=t.seed,
-        data_seed=t.seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda",
-        use_cpu=device == "cpu",
-    )
-
-
-def check_liger(stage: Stage) -> None:
-    """Liger's kernels are Triton kernels: CUDA only, and a separate package (checked when the run starts, too)."""
-    from .hardware import check_liger as check
-
-    check(stage.cfg.train.use_liger, stage.hw)
-
-
 # --------------------------------------------------------------------------- resuming
 def resume_checkpoint(stage: Stage) -> str | None:
     """The newest checkpoint the Trainer can resume from exactly (qlora_helpers.checkpoints): a newer one that a
@@ -139,6 +68,7 @@ def resume_checkpoint(stage: Stage) -> str | None:
     naming it, never resumed half."""
     from .checkpoints import newest_complete
 
+    _cpu_storages_load_on_cpu()
     found = newest_complete(stage)
     return str(found) if found else None
 
@@ -154,6 +84,8 @@ def finished_training(stage: Stage, n_train: int, world: int | None = None) -> d
     check_not_past(stage, total, done, checkpoint)
     if done != total:
         return None
+    from .hardware import resolve_optim
+
     metrics = read_train_metrics(stage.run_dir)
     if metrics.get("steps") != done or not stage.path("adapter", "adapter_config.json").exists():
         # Killed after the last checkpoint, before the adapter and metrics were saved: both from the checkpoints.
@@ -205,25 +137,6 @@ def checkpoint_step(checkpoint: str | Path | None) -> int | None:
 
 
 # --------------------------------------------------------------------------- the stage
-def build_trainer(stage: Stage, model, tokenizer):
-    """The Trainer notebook 03 builds, for the command line: the same arguments, collator and callbacks."""
-    from transformers import Trainer
-
-    from .packing import make_collator
-
-    check_liger(stage)
-    _cpu_storages_load_on_cpu()
-    train_ds, val_ds = training_datasets(stage)
-    # transformers recognises packed rows (and masks attention between examples) only when no KV cache is
-    # built; with use_cache on, an eval-mode forward would silently attend across examples.
-    model.config.use_cache = False
-    trainer = Trainer(model=model, args=training_arguments(stage, len(train_ds)), train_dataset=train_ds,
-                      eval_dataset=val_ds, data_collator=make_collator(stage, tokenizer), processing_class=tokenizer,
-                      callbacks=training_callbacks(stage))
-    connect_callbacks(trainer)
-    return trainer
-
-
 def connect_callbacks(trainer) -> None:
     """Give the time budget the Trainer's accelerator, so all processes agree on when to stop."""
     for cb in trainer.callback_handler.callbacks:
@@ -231,42 +144,68 @@ def connect_callbacks(trainer) -> None:
             cb.accelerator = trainer.accelerator
 
 
+# What each TrainingArguments field must be for this config: (field, value from the config). A cell that types
+# another value trains something config.json does not record; the report would describe another run.
+def _expected_arguments(stage: Stage, n_train: int, world: int) -> dict[str, Any]:
+    from .hardware import resolve_optim
+
+    t = stage.cfg.train
+    return {
+        "output_dir": str(stage.path("train", "checkpoints")), "max_steps": total_steps(stage, n_train, world),
+        "per_device_train_batch_size": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
+        "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler, "weight_decay": t.weight_decay,
+        "optim": resolve_optim(t.optim, stage.hw["device"]), "bf16": stage.compute_dtype == "bfloat16",
+        "fp16": stage.compute_dtype == "float16", "gradient_checkpointing": t.gradient_checkpointing,
+        "use_liger_kernel": t.use_liger, "torch_compile": t.torch_compile, "logging_steps": t.logging_steps,
+        "eval_steps": t.eval_steps, "save_steps": t.save_steps, "save_total_limit": t.save_total_limit,
+        "seed": t.seed, "load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
+        "greater_is_better": False, "remove_unused_columns": False, "report_to": [],
+        "use_cpu": stage.hw["device"] == "cpu",
+    }
+
+
+def check_training_arguments(stage: Stage, args, n_train: int, world: int) -> None:
+    """Notebook 03's TrainingArguments against the config and this machine, before the Trainer sees them: every
+    value the config decides (so config.json records what trained), checkpoints inside the run directory (a
+    resume finds them, nothing is written elsewhere), the best adapter chosen by validation loss, fp16/bf16 as
+    the hardware allows, and nothing reported to an outside service."""
+    differ = []
+    for key, want in _expected_arguments(stage, n_train, world).items():
+        got = getattr(args, key)
+        got = getattr(got, "value", got)
+        if key == "report_to":
+            got = [] if got in (None, "none", ["none"]) else got
+        if got != want:
+            differ.append(f"{key}={got!r} (the config says {want!r})")
+    if differ:
+        raise UserError("the TrainingArguments disagree with the config: " + "; ".join(differ[:4])
+                        + ("; ..." if len(differ) > 4 else "") + ". Change the config (OVERRIDES / -p), not the cell")
+
+
 @contextmanager
-def out_of_memory_advice(stage: Stage):
-    """Out of GPU memory, or out of disk for a checkpoint, during training: one line saying what to change."""
+def while_training(stage: Stage):
+    """Around ``trainer.train()``: out of GPU memory, or out of disk for a checkpoint, as one line saying what to
+    change; and whatever stops training, the run directory is given back (save_training gives it back otherwise,
+    once the results are saved)."""
     import torch
 
     try:
         yield
     except torch.OutOfMemoryError:
+        let_go(stage.run_dir)
         t = stage.cfg.train
         raise UserError(
             f"out of GPU memory during training (peak reserved {memory_snapshot()['peak_gpu_reserved_gib']} GiB): lower "
             f"train.micro_batch_size (now {t.micro_batch_size}) and raise train.grad_accum, lower "
             f"data.max_seq_len (now {stage.cfg.data.max_seq_len}), or set train.gradient_checkpointing=true; "
             "running again resumes from the last checkpoint") from None
-    except Exception as exc:
+    except BaseException as exc:
+        let_go(stage.run_dir)
         if not failed_write(exc):
             raise
         raise UserError(f"training could not write to {stage.path('train')} ({str(exc).strip().splitlines()[0][:160]}): "
                         "the disk is probably full; free some space and run again: training resumes from the last "
                         "complete checkpoint") from None
-
-
-def train(stage: Stage, trainer) -> dict[str, Any]:
-    """Train (resuming from the newest complete checkpoint), save the best adapter, write metrics; a run that
-    has trained all its steps already is reported, not trained again."""
-    done = finished_training(stage, len(trainer.train_dataset), trainer.args.world_size)
-    if done is not None:
-        return done
-    resume_from = resume_checkpoint(stage)
-    try:
-        with out_of_memory_advice(stage):
-            trainer.train(resume_from_checkpoint=resume_from)
-    except BaseException:
-        let_go(stage.run_dir)  # save_training gives it back otherwise, once the results are saved
-        raise
-    return save_training(stage, trainer, resume_from)
 
 
 def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, Any]:
@@ -305,6 +244,8 @@ def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, A
     }
     if trainer.is_world_process_zero():  # the adapter and checkpoints are saved by the main process only, too
         replace_dir(tmp, adapter)
+        # The arguments as the library writes them (to_dict hides tokens): what evaluation's Trainer reuses.
+        write_json(stage.path("train", "training_args.json"), {k: v for k, v in args.to_dict().items() if k != "hub_token"})
         write_json(stage.path("train", "metrics.json"), metrics)
     let_go(stage.run_dir)
     return metrics
@@ -312,3 +253,31 @@ def save_training(stage: Stage, trainer, resume_from: str | None) -> dict[str, A
 
 def read_train_metrics(run_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(run_dir) / "train" / "metrics.json", {})
+
+
+def training_summary(metrics: dict[str, Any]):
+    """train/metrics.json as a small table for notebook 03 (a pandas DataFrame): what a reader checks after training."""
+    import pandas as pd
+
+    m = metrics
+    mem = m.get("memory") or {}
+
+    def num(v, fmt="{:,}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else "not measured"
+
+    best = f"{num(m.get('best_eval_loss'), '{:.4f}')} ({m['best_checkpoint']})" if m.get("best_checkpoint") else \
+        num(m.get("best_eval_loss"), "{:.4f}")
+    gpu = f", GPU reserved {mem['peak_gpu_reserved_gib']} GiB" if mem.get("peak_gpu_reserved_gib") is not None else ""
+    rows = [
+        ("optimizer steps", f"{m['steps']:,} of {m['max_steps']:,}" + (" (stopped by train.max_minutes)" if m.get("stopped_by_time_budget") else "")),
+        ("processes", m.get("processes", 1)),
+        ("resumed from step", m.get("resumed_from_step") or "none: a fresh start"),
+        ("examples seen", f"{num(m.get('examples_seen'))} ({m.get('epochs')} epochs)"),
+        ("tokens seen (this session)", num(m.get("tokens_seen"))),
+        ("mean training loss", num(m.get("train_loss"), "{:.4f}")),
+        ("best validation loss", best),
+        ("training time", f"{num(m.get('wall_s'), '{:,.0f}')} s over {m.get('sessions', 1)} session(s)"),
+        ("tokens/s (this session)", num(m.get("tokens_per_s"), "{:,.0f}")),
+        ("peak memory", f"RSS {num(mem.get('peak_rss_gib'))} GiB{gpu}" if mem else "not measured"),
+    ]
+    return pd.DataFrame(rows, columns=["", "training"]).set_index("")

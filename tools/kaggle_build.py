@@ -104,6 +104,11 @@ def build_dataset(out: Path, user: str, wheels: bool = False, gpu_extras: bool =
             shutil.copy(REPO_ROOT / name, source)
         shutil.copytree(REPO_ROOT / "qlora_helpers", source / "qlora_helpers",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # The stage notebooks travel inside the wheel: each process of a data-parallel launch runs notebook 03 from
+        # there (qlora_helpers.pipeline.notebook_path), outputs cleared (they would only make the wheel bigger).
+        (source / "qlora_helpers" / "notebooks").mkdir()
+        for nb in notebooks():
+            (source / "qlora_helpers" / "notebooks" / nb.name).write_text(without_outputs(nb.read_text()))
         _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out.resolve()), str(source))
     (out / "requirements-kaggle.txt").write_text(kernel_requirements(gpu_extras))
     shutil.copy(TOOLS / "kaggle_install.py", out)
@@ -111,6 +116,15 @@ def build_dataset(out: Path, user: str, wheels: bool = False, gpu_extras: bool =
         build_wheelhouse(out, out / "requirements-kaggle.txt", kaggle=kaggle)
     _write_json(out / "dataset-metadata.json", {"id": f"{user}/{HELPER_DATASET}", **DATASET_METADATA})
     return out
+
+
+def without_outputs(notebook_json: str) -> str:
+    """A notebook's JSON with every code cell's outputs and execution count cleared."""
+    nb = json.loads(notebook_json)
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
 def build_kernel_notebook(path: Path = KERNEL_NOTEBOOK) -> Path:

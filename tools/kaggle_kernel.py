@@ -28,7 +28,9 @@ INTRO = """\
 
 This kernel is the project's five notebooks one after another: **01** the data, **02** the quantized model and its \
 LoRA adapters, **03** training, **04** evaluation and export, **05** the report. It is built from them by \
-`tools/kaggle_build.py` (`make kaggle-kernel`), so it reads as they do; change those, not this.
+`tools/kaggle_build.py` (`make kaggle-kernel`), so it reads as they do; change those, not this. It is committed \
+without outputs: the same cells with the outputs of a real run (the embedded profile on a CPU) are in the \
+repository's `notebooks/01..05`; here, the outputs are your run's.
 
 **To run it** (docs/kaggle.md walks through every step): *Settings > Accelerator > GPU T4 x2*; *Add Input* the \
 helper dataset `qlora-helpers` (the helper package and its installer) and the model *Phi-3 > Transformers > \
@@ -41,8 +43,9 @@ touches torch, pyarrow or the Jupyter packages the kernel runs on. Then each sta
 two stages, the names the stage before defined are deleted and the GPU memory they held is freed: the stages share \
 only the run directory, `/kaggle/working/runs/<time>/`, which is the kernel's output.
 
-**Two GPUs.** On *GPU T4 x2* notebook 03 trains on both T4s, one process each with its own 4-bit copy of the \
-model (on the CPU and on two H200s this is tested; on two T4s it has not been measured). The training length \
+**Two GPUs.** On *GPU T4 x2* notebook 03 trains on both T4s: it starts one process per GPU, and each runs stage \
+03's own cells (the stage notebook, which the helper dataset's wheel carries) with its own 4-bit copy of the model \
+(two processes are tested on the CPU; on two T4s this has not been measured). The training length \
 does not change: `train.epochs` passes over the data, in half the steps. `OVERRIDES = {"train.num_processes": 1}` \
 trains on one GPU.
 
