@@ -7,7 +7,7 @@ RUN_DIR ?=
 # Extra config overrides, e.g. make run P="-p lora.r=8 -p train.max_steps=50"
 P ?=
 
-.PHONY: run test setup clean kaggle-dataset kaggle-kernel kaggle-notebook bench-trl-cpu
+.PHONY: run test setup clean notebooks kaggle-dataset kaggle-kernel kaggle-notebook bench-trl-cpu
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-kaggle.txt requirements-dev.txt pyproject.toml
@@ -23,6 +23,11 @@ run: setup
 
 test: setup
 	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900 -p no:cacheprovider
+
+# The outputs notebooks/ is committed with: one fresh run of the embedded profile (tools/notebook_outputs.py).
+# Run it after changing a notebook's cells (tests/test_notebooks.py fails until then), then make kaggle-notebook.
+notebooks: setup
+	$(PY) tools/notebook_outputs.py
 
 # Kaggle (docs/kaggle.md): the folders for `kaggle datasets create -p` and `kaggle kernels push -p`.
 # KAGGLE_USER defaults to $KAGGLE_USERNAME or the username in ~/.kaggle/kaggle.json.

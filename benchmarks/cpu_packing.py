@@ -18,9 +18,8 @@ from pathlib import Path
 from qlora_helpers import Stage, build_config
 from qlora_helpers.config import parse_overrides
 from qlora_helpers.data import load_tokenizer, prepare_data
-from qlora_helpers.model import attach_lora, load_base_model
 from qlora_helpers.runs import environment
-from qlora_helpers.train import build_trainer, train
+from recipe import attach_lora, build_trainer, load_base, train
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
             stage = Stage(cfg, run_dir)
             tok = load_tokenizer(stage)
             data = prepare_data(stage, tok)
-            trainer = build_trainer(stage, attach_lora(stage, load_base_model(stage)), tok)
+            trainer = build_trainer(stage, attach_lora(stage, load_base(stage)), tok)
             t0 = time.time()
             m = train(stage, trainer)
             results.append({"packing": packing, "steps": m["steps"], "train_wall_s": round(time.time() - t0, 2),

@@ -3,7 +3,7 @@
     python benchmarks/ddp_bench.py --lengths .dev/alpaca_lengths.json --out $OUT/ddp_bench.json [-p key=value ...]
 
 Every run goes through qlora_helpers.distributed.launch_command (the accelerate launch that notebook 03 runs on two
-GPUs) and the project's own build_trainer and train (checkpoints, resume, rank-aware logging). Only the loader
+GPUs) and benchmarks/recipe.py's build_trainer and train (notebook 03's cells) (checkpoints, resume, rank-aware logging). Only the loader
 differs from `python -m qlora_helpers train`: no weights can travel to the GPU machine, so each process builds
 Phi-3-mini's architecture with random weights, quantized NF4 on its own GPU (model.build_random_model), under the
 same per-process memory cap as a T4 (15 GiB). The data are Alpaca-length examples over a 256-token vocabulary, so
@@ -58,9 +58,9 @@ def worker(run_dir: Path, warmup: int, timed: int) -> None:
     from transformers import Phi3Config, TrainerCallback
 
     from qlora_helpers.hardware import local_process_index
-    from qlora_helpers.model import attach_lora
+    from recipe import attach_lora
     from qlora_helpers.stage import stage_from_run_dir
-    from qlora_helpers.train import build_trainer, train
+    from recipe import build_trainer, train
     from random_model import build_random_model
 
     stage = stage_from_run_dir(run_dir)

@@ -4,7 +4,7 @@
 
 Speed and memory do not depend on the weights, so the model is Phi-3-mini's architecture with random
 weights (benchmarks/random_model.py), quantized NF4 + double quant in memory, with LoRA r=32 on all four
-projections, trained by the project's own training code (qlora_helpers.train.build_trainer). Sequence lengths
+projections, trained by the project's own training code (benchmarks/recipe.py: notebook 03's cells, argument for argument). Sequence lengths
 are drawn from the token lengths of the real Alpaca sample (benchmarks/alpaca_lengths.py writes them).
 Each recipe runs in its own process, so memory peaks and caps do not leak between recipes.
 
@@ -221,7 +221,8 @@ def trl_trainer(stage, model, tokenizer, trl_opts: dict):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_helpers.train import training_arguments, training_datasets
+    from qlora_helpers.train import training_datasets
+    from recipe import training_arguments
 
     train_ds, _ = training_datasets(stage)
     cfg = stage.cfg
@@ -306,8 +307,8 @@ def run_recipes(names: list[str], lengths_path: str, warmup_default: int, steps_
     from transformers import Phi3Config, TrainerCallback, set_seed
 
     from qlora_helpers import Stage
-    from qlora_helpers.model import attach_lora, count_parameters
-    from qlora_helpers.train import build_trainer
+    from qlora_helpers.model import count_parameters
+    from recipe import attach_lora, build_trainer
     from random_model import build_random_model
 
     first = RECIPES[names[0]]

@@ -67,10 +67,10 @@ def run_cases(model_path: str, dtype: str, names: list[str], out: Path) -> None:
     import importlib.metadata as md
 
     from qlora_helpers import Stage, build_config
-    from qlora_helpers.model import attach_lora, load_base_model
+    from recipe import attach_lora, load_base
 
     base = Stage(build_config("kaggle-t4", {"quant.compute_dtype": dtype, "model.name": model_path}))
-    model = attach_lora(base, load_base_model(base))
+    model = attach_lora(base, load_base(base))
     torch.cuda.synchronize()
     after_load = torch.cuda.memory_allocated()
     machine = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, " + ", ".join(

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from qlora_helpers.inspect_model import meta_model
-from qlora_helpers.model import load_model_config, quantization_config
+from qlora_helpers.inspect_model import profile_quantization_config
+from qlora_helpers.model import load_model_config
 from qlora_helpers.stage import Stage
 
 
@@ -39,7 +40,7 @@ def _bnb_quantizer(stage: Stage, device):
     quantization swaps exactly the layers from_pretrained would, with the same settings."""
     from transformers.quantizers import AutoHfQuantizer
 
-    qconfig = quantization_config(stage)
+    qconfig = profile_quantization_config(stage)
     if qconfig is None:
         return None
     quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)

@@ -1,8 +1,8 @@
 """The profile's training objects built from the config alone, for the benchmarks and for tests that train outside
 a notebook: the same ``LoraConfig`` and ``TrainingArguments`` notebooks 02 and 03 build in their cells (the
 notebooks are the definition; tests/test_model.py and tests/test_train.py check these agree with the objects a real
-run of the notebooks saved), the same ``Trainer`` with the project's collator and callbacks, and the same
-resume-train-save sequence as notebook 03's training cell.
+run of the notebooks saved), the same ``Trainer`` with the project's collator and callbacks, the same
+resume-train-save sequence as notebook 03's training cell, and notebook 04's export cells.
 
 Not part of the package: the pipeline never builds these objects outside the notebooks' cells.
 """
@@ -13,7 +13,8 @@ import os
 
 from qlora_helpers.callbacks import training_callbacks
 from qlora_helpers.hardware import resolve_optim
-from qlora_helpers.inspect_model import profile_configs
+from qlora_helpers.inspect_model import meta_model, profile_lora_config, profile_quantization_config
+from qlora_helpers.model import load_base_model, load_model_config, save_model_configs
 from qlora_helpers.packing import make_collator
 from qlora_helpers.stage import Stage
 from qlora_helpers.train import (check_training_arguments, connect_callbacks, finished_training, resume_checkpoint,
@@ -22,13 +23,24 @@ from qlora_helpers.train import (check_training_arguments, connect_callbacks, fi
 DYNAMO_ENV = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")
 
 
+def save_profile_configs(stage: Stage) -> None:
+    """What notebook 02 saves for this profile (model/quantization_config.json, model/lora/), from config.json alone."""
+    model = meta_model(stage, load_model_config(stage))
+    save_model_configs(stage, profile_quantization_config(stage), profile_lora_config(stage, model))
+
+
+def load_base(stage: Stage):
+    """Notebook 02's from_pretrained with the BitsAndBytesConfig it builds for this profile."""
+    return load_base_model(stage, quantization=profile_quantization_config(stage))
+
+
 def attach_lora(stage: Stage, model):
     """Notebook 03's ``set_seed`` + ``get_peft_model`` with the LoraConfig notebook 02 builds for this profile."""
     from peft import get_peft_model
     from transformers import set_seed
 
     set_seed(stage.cfg.train.seed)
-    return get_peft_model(model, profile_configs(stage, model)[1])
+    return get_peft_model(model, profile_lora_config(stage, model))
 
 
 def training_arguments(stage: Stage, n_train: int, world: int | None = None):
@@ -86,3 +98,22 @@ def train(stage: Stage, trainer) -> dict:
     with while_training(stage):
         trainer.train(resume_from_checkpoint=resume_from)
     return save_training(stage, trainer, resume_from)
+
+
+def export(stage: Stage) -> dict:
+    """Notebook 04's export cells: check first, merge into eval.merge_into's 16-bit weights and save, then check the
+    merged model, score every form and push if asked (export/metrics.json)."""
+    import gc
+
+    from peft import PeftModel
+
+    from qlora_helpers.export import adapter_dir, check_before_export, finish_export, merge_base, save_merged
+
+    check_before_export(stage)
+    merged_info = None
+    if stage.cfg.eval.export_merged:
+        merged = PeftModel.from_pretrained(merge_base(stage), str(adapter_dir(stage))).merge_and_unload(safe_merge=True)
+        merged_info = save_merged(stage, merged)
+        del merged
+        gc.collect()
+    return finish_export(stage, merged_info)

@@ -27,10 +27,11 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from qlora_helpers import Stage, build_config
 from qlora_helpers.config import parse_overrides
 from qlora_helpers.data import load_tokenizer, prepare_data
-from qlora_helpers.model import attach_lora, load_base_model
+from recipe import attach_lora, load_base
 from qlora_helpers.packing import make_collator
 from qlora_helpers.runs import environment
-from qlora_helpers.train import build_trainer, training_datasets
+from qlora_helpers.train import training_datasets
+from recipe import build_trainer
 
 from gpu_bench import lora_dtypes, trl_trainer  # the GPU rows build SFTTrainer the same way
 
@@ -61,7 +62,7 @@ def exactness(stage: Stage, tokenizer, model) -> dict:
 
 
 def run(stage: Stage, tokenizer, which: str) -> dict:
-    model = attach_lora(stage, load_base_model(stage))
+    model = attach_lora(stage, load_base(stage))
     before = lora_dtypes(model)
     extra = {}
     if which == "project":

@@ -163,13 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     for command in sub.choices.values():  # `--debug` after the command name works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get("QLORA_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    return reporting_errors(lambda: args.func(args), args.command, args.debug)
+
+
+def reporting_errors(work, command: str, debug: bool = False) -> int:
+    """Run a command's work; every way out is one line on stderr and an exit status, unless --debug (or
+    QLORA_DEBUG=1) asks for the traceback."""
+    debug = debug or os.environ.get("QLORA_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return args.func(args)
+        return work()
     except BaseException as exc:  # noqa: BLE001 - every way out is one line, unless --debug asks for the traceback
         if debug or isinstance(exc, SystemExit):
             raise
-        message, status = one_line(exc, args.command)
+        message, status = one_line(exc, command)
         close_progress_bars()
         # After Ctrl-C the terminal's cursor sits after "^C": the line starts afresh.
         print(("\n" if status == 130 else "") + f"error: {message}", file=sys.stderr)

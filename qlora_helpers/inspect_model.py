@@ -26,22 +26,27 @@ def meta_model(stage: Stage, model_config):
                                                 trust_remote_code=stage.cfg.model.trust_remote_code)
 
 
-def profile_configs(stage: Stage, model):
-    """(BitsAndBytesConfig, LoraConfig) for the profile, as notebook 02's cells build them: inspect-model and the
-    benchmarks look before any run directory exists, so they cannot read notebook 02's saved ones
-    (tests/test_model.py checks that these agree with what notebook 02 saved for the same profile)."""
-    from peft import LoraConfig
+# inspect-model and the benchmarks look before any run directory exists, so they cannot read the configs notebook 02
+# saved: these build from the profile what notebook 02's cells build (tests/test_model.py checks the two agree).
+def profile_quantization_config(stage: Stage):
+    """The BitsAndBytesConfig notebook 02 builds for this profile (None for quant.mode=none)."""
     from transformers import BitsAndBytesConfig
 
-    q, lo = stage.cfg.quant, stage.cfg.lora
-    bnb_config = None if q.mode == "none" else BitsAndBytesConfig(
+    q = stage.cfg.quant
+    return None if q.mode == "none" else BitsAndBytesConfig(
         load_in_4bit=q.mode in ("nf4", "fp4"), load_in_8bit=q.mode == "int8",
         bnb_4bit_quant_type=q.mode if q.mode in ("nf4", "fp4") else "nf4", bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=stage.torch_dtype)
-    peft_config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lora_targets(stage, model),
-                             use_rslora=lo.use_rslora, use_dora=lo.use_dora,
-                             modules_to_save=lora_modules_to_save(stage, model), bias="none", task_type="CAUSAL_LM")
-    return bnb_config, peft_config
+
+
+def profile_lora_config(stage: Stage, model):
+    """The LoraConfig notebook 02 builds for this profile on `model`."""
+    from peft import LoraConfig
+
+    lo = stage.cfg.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lora_targets(stage, model),
+                      use_rslora=lo.use_rslora, use_dora=lo.use_dora,
+                      modules_to_save=lora_modules_to_save(stage, model), bias="none", task_type="CAUSAL_LM")
 
 
 def _is_bnb_linear(module) -> bool:
@@ -114,14 +119,14 @@ def inspect_model(stage: Stage, random_weights: bool = True) -> dict[str, Any]:
         model = meta_model(stage, load_model_config(stage))
         source += " (config only, random weights on the meta device)"
     else:
-        model = load_base_model(stage, quantization=profile_configs(stage, meta_model(stage, load_model_config(stage)))[0])
+        model = load_base_model(stage, quantization=profile_quantization_config(stage))
     base = count_parameters(model)
     estimate = estimate_weight_bytes(model, stage)
     measured = None if random_weights else weight_bytes(model)
     linear_names = sorted(linear_module_names(model))
     head = model.get_output_embeddings()
     head_name = next((full for full, m in model.named_modules() if head is not None and m is head), None)
-    peft_model = get_peft_model(model, profile_configs(stage, model)[1])
+    peft_model = get_peft_model(model, profile_lora_config(stage, model))
     counts = count_parameters(peft_model)
     return {
         "source": source, "architecture": type(model).__name__, "quantization": describe_quantization(stage),

@@ -39,6 +39,7 @@ def check_quantization_config(stage: Stage, bnb_config) -> None:
     """Notebook 02's BitsAndBytesConfig against the config and this machine: the quantization quant.mode asks for,
     and a compute dtype the hardware has (stage.compute_dtype refuses bf16 on a T4)."""
     q = stage.cfg.quant
+    stage.compute_dtype  # noqa: B018 - bf16 asked for on a GPU without it: refused here, whatever the cell built
     if q.mode == "none":
         if bnb_config is not None:
             raise ConfigError("quant.mode=none, but the cell built a BitsAndBytesConfig; build none (bnb_config = None)")

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# benchmarks/recipe.py builds notebook 03's objects from a profile, for tests that train outside a notebook.
+sys.path.insert(0, str(REPO / "benchmarks"))
 SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_small.json"
 
 

@@ -1,5 +1,6 @@
 """Data-parallel training through accelerate launch, proven with two CPU processes over gloo: the same
-launch command notebook 03 runs on two GPUs, each process with its own copy of a tiny random Llama.
+launch command notebook 03 runs on two GPUs, each process running notebook 03 itself with its own copy of a tiny
+random Llama.
 Every step is logged once, one adapter and one set of checkpoints are written, examples count both
 processes, and raising max_steps resumes from the checkpoint as on one GPU."""
 import json
@@ -11,7 +12,7 @@ import pytest
 
 from qlora_helpers import Stage, build_config
 from qlora_helpers.config import ConfigError
-from qlora_helpers.distributed import data_parallel_processes, launch_command, train_data_parallel
+from qlora_helpers.distributed import data_parallel_processes, launch_command, train_on_every_gpu
 from qlora_helpers.runs import save_config
 
 from conftest import REPO
@@ -47,12 +48,16 @@ def _examples(n: int, rng: random.Random) -> list[dict]:
 
 
 def _run_dir(tmp_path, model_folder, max_steps=STEPS, **overrides):
-    """What notebooks 01 and 02 leave for stage 3: config.json and data/{train,val}.jsonl. The test profile
-    quantizes to NF4, so each process trains its own 4-bit copy, as on two GPUs."""
+    """What notebooks 01 and 02 leave for stage 3: config.json, data/{train,val}.jsonl and the quantization and LoRA
+    configs notebook 02 builds for the profile. The test profile quantizes to NF4, so each process trains its own
+    4-bit copy, as on two GPUs."""
+    from recipe import save_profile_configs
+
     cfg = build_config("test", {"model.name": str(model_folder), "train.max_steps": max_steps,
                                 "train.micro_batch_size": MICRO_BATCH, "train.eval_steps": 2, "train.save_steps": 2,
                                 "eval.max_val_examples": 8, **overrides})
     save_config(cfg, tmp_path)
+    save_profile_configs(Stage(cfg, tmp_path))
     rng = random.Random(0)
     for split, n in (("train", 32), ("val", 8)):
         path = tmp_path / "data" / f"{split}.jsonl"
@@ -106,7 +111,7 @@ def test_the_time_budget_stops_both_processes_at_the_same_step(tmp_path, tiny_ll
     """One process stopping alone would leave the other waiting forever in the next all-reduce. Launched the way
     notebook 03 does on several GPUs, with the launcher's output shown as it comes."""
     _run_dir(tmp_path, tiny_llama, max_steps=50, **{"train.max_minutes": 0.0001})
-    metrics = train_data_parallel(Stage(build_config("test"), tmp_path), 2)
+    metrics = train_on_every_gpu(Stage(build_config("test"), tmp_path), 2)
     assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
     assert capsys.readouterr().out.count("[qlora] training finished") == 1
     assert (tmp_path / "train" / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists()
@@ -160,7 +165,7 @@ def test_two_processes_train_the_same_examples_and_count_the_budget_from_the_ses
     assert total_steps(Stage(cfg, tmp_path), 32, world=1) == 8
     session = begin_session(tmp_path)
     (tmp_path / SESSION_FILE).write_text(json.dumps({**session, "started": session["started"] - 3600}))
-    metrics = train_data_parallel(Stage(cfg, tmp_path), 2)
+    metrics = train_on_every_gpu(Stage(cfg, tmp_path), 2)
     assert metrics["max_steps"] == 4 and metrics["examples_planned"] == 16 and metrics["processes"] == 2
     assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
     assert metrics["time_budget"]["counted_from"] == "session start"

@@ -19,19 +19,18 @@ FAKE_TOKEN = "hf_FAKEtoken1234567890abcdef"
 def exported_run(tmp_path_factory):
     """One tiny QLoRA run through the helpers (data, 2 training steps on the NF4 base, export), made once."""
     from qlora_helpers.data import prepare_data
-    from qlora_helpers.export import export_run
-    from qlora_helpers.model import attach_lora, load_base_model
-    from qlora_helpers.train import build_trainer, train
+    from recipe import attach_lora, build_trainer, export, load_base, save_profile_configs, train
 
     run_dir = tmp_path_factory.mktemp("export-run")
     stage = Stage(build_config("test", {"train.max_steps": 2}), run_dir)
     save_config(stage.cfg, run_dir)
     tokenizer = load_tokenizer(stage)
     prepare_data(stage, tokenizer)
-    model = attach_lora(stage, load_base_model(stage))
+    save_profile_configs(stage)
+    model = attach_lora(stage, load_base(stage))
     train(stage, build_trainer(stage, model, tokenizer))
     del model
-    return stage, run_dir, export_run(stage)
+    return stage, run_dir, export(stage)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -189,13 +188,13 @@ def test_merged_model_answers_like_the_dequantized_base_plus_adapter(exported_ru
     from transformers import AutoModelForCausalLM
 
     from qlora_helpers.evaluate import held_out_prompts
-    from qlora_helpers.model import quantization_config
+    from qlora_helpers.model import load_quantization_config
 
     stage, run_dir, _ = exported_run
     cfg = stage.cfg
     tokenizer = load_tokenizer(stage)
     _, prompts, stop_ids = held_out_prompts(stage, tokenizer)
-    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), quantization_config=quantization_config(stage),
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), quantization_config=load_quantization_config(stage),
                                                 dtype=stage.torch_dtype).dequantize(dtype=torch.float32).float()
     reference = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "merged", dtype=torch.float32).eval()
@@ -233,14 +232,14 @@ def test_merge_into_original_merges_into_the_exact_16_bit_weights(exported_run, 
 
     from safetensors import safe_open
 
-    from qlora_helpers.export import export_run
+    from recipe import export
 
     stage, run_dir, metrics = exported_run
     other = tmp_path / "run"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("export"))
     stage = Stage(stage.cfg.copy_with({"eval.merge_into": "original"}), other)
     save_config(stage.cfg, other)
-    got = export_run(stage)
+    got = export(stage)
     assert got["verification"]["passed"]
     assert got["verification"]["reference"] == "the unmerged adapter on the original base weights"
     assert got["forms"]["shipped"] == "merged-original" and got["merged"]["merged_into"] == "original"
@@ -326,11 +325,12 @@ def test_push_without_a_token_fails_in_one_line_saying_how_to_provide_it(exporte
 
 def test_a_missing_token_fails_the_export_before_the_merge(exported_run, monkeypatch, no_token, hub_unreachable):
     import qlora_helpers.export as export
+    import recipe
 
     _, run_dir, _ = exported_run
-    monkeypatch.setattr(export, "merge_adapter", lambda *a: pytest.fail("merged before checking for a token"))
+    monkeypatch.setattr(export, "merge_base", lambda *a: pytest.fail("merged before checking for a token"))
     with pytest.raises(export.HubTokenMissing, match="HF_TOKEN"):
-        export.export_run(Stage(build_config("test", {"eval.push_to_hub": "someone/my-adapter"}), run_dir))
+        recipe.export(Stage(build_config("test", {"eval.push_to_hub": "someone/my-adapter"}), run_dir))
 
 
 def test_a_failed_push_never_shows_the_token(exported_run, monkeypatch, capsys):
@@ -424,16 +424,23 @@ def test_the_report_still_reads_an_export_written_by_the_previous_version(export
 
 
 # --------------------------------------------------------------------------- the playground (notebook 04)
-def test_the_playground_answers_with_and_without_the_adapter(exported_run):
-    from qlora_helpers.evaluate import load_finetuned
+def test_the_playground_answers_with_and_without_the_adapter(exported_run, monkeypatch):
+    from peft import PeftModel
+
+    import qlora_helpers.places as places
+    from qlora_helpers.model import load_base_model
     from qlora_helpers.playground import answer_pair, playground
 
-    stage, _, _ = exported_run
+    stage, run_dir, _ = exported_run
     tokenizer = load_tokenizer(stage)
-    model = load_finetuned(stage)
+    model = PeftModel.from_pretrained(load_base_model(stage), str(run_dir / "adapter")).eval()  # notebook 04's cell
     answers = answer_pair(stage, model, tokenizer, "What is 2 + 3? Answer with the number only.", 8)
     assert set(answers) == {"base", "fine-tuned"}
     assert all(isinstance(a["answer"], str) and a["new_tokens"] <= 8 for a in answers.values())
+    # unattended (papermill, nbmake, a Kaggle batch run): one held-out prompt's two answers as a table
+    static = playground(stage, model, tokenizer)._repr_html_()
+    assert "<b>prompt</b>" in static and "<b>base</b>" in static and "<b>fine-tuned</b>" in static
+    monkeypatch.setattr(places, "interactive", lambda: True)
     widget = playground(stage, model, tokenizer)  # builds without a frontend and waits for nothing
     pick, text, (budget, button), out = widget.children[0], widget.children[1], widget.children[2].children, widget.children[3]
     assert pick.options[0][1] == -1 and len(pick.options) == stage.cfg.eval.num_prompts + 1

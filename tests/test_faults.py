@@ -32,27 +32,55 @@ SETTINGS = {"train.save_total_limit": 10, "train.logging_steps": 1}
 
 
 def make_run(path, model, max_steps=STEPS, **overrides):
-    """What notebooks 01 and 02 leave for training: config.json and data/ (32 training examples)."""
+    """What notebooks 01 and 02 leave for training: config.json, data/ (32 training examples), the model configs."""
     path.mkdir(parents=True, exist_ok=True)
     return _run_dir(path, model, max_steps=max_steps, **{**SETTINGS, **overrides})
 
 
 def train_here(run_dir):
-    """Training in this process, as notebook 03 does it (the CLI's `train` is the same function)."""
+    """Training in this process with notebook 03's cells as benchmarks/recipe.py mirrors them (the same helpers
+    around the same Trainer: resume, callbacks, save)."""
     from qlora_helpers.data import load_tokenizer
-    from qlora_helpers.model import attach_lora, load_base_model
-    from qlora_helpers.train import build_trainer, train
+    from recipe import attach_lora, build_trainer, load_base, train
 
     stage = Stage(load_config(run_dir), run_dir)
-    return train(stage, build_trainer(stage, attach_lora(stage, load_base_model(stage)), load_tokenizer(stage)))
+    return train(stage, build_trainer(stage, attach_lora(stage, load_base(stage)), load_tokenizer(stage)))
+
+
+TRAIN_PROCESS = """
+import sys
+sys.path.insert(0, {benchmarks!r})
+sys.path.insert(0, {tests!r})
+from qlora_helpers.__main__ import reporting_errors
+from test_faults import train_here
+sys.exit(reporting_errors(lambda: train_here(sys.argv[1]) and 0, "train"))
+"""
 
 
 def train_cli(run_dir, patch="", timeout=600, **popen):
-    """`python -m qlora_helpers train --run-dir RUN_DIR` in its own process, after `patch` (Python run first)."""
-    code = patch + "\nimport sys\nfrom qlora_helpers.__main__ import main\nsys.exit(main(['train', '--run-dir', sys.argv[1]]))"
+    """Training in its own process, as notebook 03's cells do it, after `patch` (Python run first), with the command
+    line's one-line errors: a SIGKILL there is a kill of the process that trains."""
+    code = patch + TRAIN_PROCESS.format(benchmarks=str(REPO / "benchmarks"), tests=str(REPO / "tests"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, **popen)
+
+
+def wait_until_free(run_dir, timeout=60):
+    """`python -m qlora_helpers train` runs notebook 03 in a kernel; SIGKILLed, it leaves that kernel behind until the
+    kernel sees its parent gone (ipykernel checks every second) and exits, giving the run directory back. The
+    next run would be refused as busy meanwhile, so wait for that, not for a guessed time."""
+    from qlora_helpers.runlock import RunDirBusy, acquire, release
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            acquire(run_dir, "the test")
+            release(run_dir)
+            return
+        except RunDirBusy:
+            assert time.time() < deadline, f"{run_dir} still held {timeout} s after the kill"
+            time.sleep(0.1)
 
 
 def last_error_line(stderr):
@@ -226,6 +254,7 @@ def test_random_sigkills_of_training_never_lose_or_repeat_a_step(tmp_path, tiny_
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         proc.wait()
+        wait_until_free(run_dir)
     done = train_cli(run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(run_dir / "train" / "metrics.json")

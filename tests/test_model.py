@@ -10,11 +10,12 @@ from qlora_helpers.__main__ import main
 from qlora_helpers.data import load_tokenizer
 from qlora_helpers.hardware import choose_compute_dtype, hardware
 from qlora_helpers.inspect_model import estimate_weight_bytes
-from qlora_helpers.model import (attach_lora, count_parameters, linear_module_names, load_base_model, lora_coverage,
-                                 parameter_dtypes, resolve_targets, weight_bytes, write_model_metrics)
+from qlora_helpers.model import (count_parameters, linear_module_names, lora_coverage, lora_targets, parameter_dtypes,
+                                 weight_bytes, write_model_metrics)
 from qlora_helpers.sources import kaggle_input_model, model_source
 
 from conftest import run_cli
+from recipe import attach_lora, load_base  # notebook 02's objects for a profile, outside a notebook
 
 
 def S(overrides=None, run_dir=None, profile="test"):
@@ -44,12 +45,12 @@ def test_phi3_fuses_projections_and_llama_splits_them():
 def test_a_target_that_matches_nothing_is_an_error_listing_the_real_names():
     cfg = S({"lora.target_modules": SEED_TARGETS})
     with pytest.raises(ConfigError) as err:
-        resolve_targets(cfg, tiny("phi3"))
+        lora_targets(cfg, tiny("phi3"))
     msg = str(err.value)
     for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
         assert name in msg.split(" match no")[0]
     assert "qkv_proj" in msg and "gate_up_proj" in msg
-    assert resolve_targets(cfg, tiny("llama")) == SEED_TARGETS.split(",")
+    assert lora_targets(cfg, tiny("llama")) == SEED_TARGETS.split(",")
 
 
 def _meta_phi3_mini(targets):
@@ -76,7 +77,7 @@ def test_packed_4bit_weights_count_as_the_parameters_they_hold(tmp_path):
     expected = sum(p.numel() for p in model.parameters())
     model.save_pretrained(tmp_path)
     cfg = S({"model.name": str(tmp_path), "quant.compute_dtype": "float32"})
-    quantized = load_base_model(cfg)
+    quantized = load_base(cfg)
     assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert sum(p.numel() for p in quantized.parameters()) < expected  # naive numel halves packed layers
     assert count_parameters(quantized)["total"] == expected
@@ -111,7 +112,7 @@ def test_bf16_on_a_t4_stops_load_base_model_before_any_download(monkeypatch):
     monkeypatch.setattr("qlora_helpers.stage.hardware", lambda: T4)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ConfigError, match="set quant.compute_dtype=float16"):
-        load_base_model(S({"model.name": "microsoft/Phi-3-mini-4k-instruct", "quant.compute_dtype": "bfloat16"}))
+        load_base(S({"model.name": "microsoft/Phi-3-mini-4k-instruct", "quant.compute_dtype": "bfloat16"}))
 
 
 # --------------------------------------------------------------------------- where the weights come from
@@ -154,7 +155,7 @@ def test_sources_in_order_local_then_kaggle_input_then_hub(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="no such file or folder"):
         model_source(build_config("test", {"model.name": str(tmp_path / "typo")}))
     with pytest.raises(ConfigError, match="holds no weights.*inspect-model"):
-        load_base_model(S({"model.name": str(_fake_model_folder(tmp_path / "bare", weights=None))}))
+        load_base(S({"model.name": str(_fake_model_folder(tmp_path / "bare", weights=None))}))
 
 
 def test_remote_code_runs_only_when_asked(monkeypatch):
@@ -190,7 +191,7 @@ def test_each_quant_mode_loads_and_its_size_is_known_from_shapes(tiny_llama_dir,
     # int8 runs on the CPU with bitsandbytes 0.50 (activations are cast to fp16 for the int8 matmul)
     cfg = S({"model.name": str(tiny_llama_dir), "quant.mode": mode,
              "quant.double_quant": double_quant, "quant.compute_dtype": bf16})
-    model = load_base_model(cfg)
+    model = load_base(cfg)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer
     if layer == "Linear4bit":
@@ -241,14 +242,14 @@ def test_a_gguf_file_loads_dequantized_then_quantized_as_configured(tmp_path, bf
     cfg = S({"model.name": str(tmp_path / "tiny.gguf"), "quant.compute_dtype": bf16})
     assert cfg.model.description.startswith(f"GGUF file {tmp_path / 'tiny.gguf'}")
     assert (Path(cfg.model.location) / "config.json").exists()  # dequantized once into the cache
-    model = load_base_model(cfg)
+    model = load_base(cfg)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     assert model.hf_quantizer.quantization_config.bnb_4bit_quant_type == "nf4"
     assert count_parameters(model)["total"] == sum(p.numel() for p in original.parameters())
     tokenizer = load_tokenizer(cfg)
     ids = torch.tensor([tokenizer("hello").input_ids])
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
-    plain = load_base_model(S({"model.name": str(tmp_path / "tiny.gguf"), "quant.mode": "none",
+    plain = load_base(S({"model.name": str(tmp_path / "tiny.gguf"), "quant.mode": "none",
                                "quant.compute_dtype": "float32"}))
     # dequantized once into a bfloat16 folder: the original weights to bf16's precision (NF4 rounds far more)
     assert torch.allclose(plain.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight,
@@ -258,7 +259,7 @@ def test_a_gguf_file_loads_dequantized_then_quantized_as_configured(tmp_path, bf
 # --------------------------------------------------------------------------- 16-bit stays 16-bit, LoRA options
 def test_16bit_compute_keeps_embeddings_and_head_16bit_and_lora_trains(tiny_llama_dir, bf16):
     cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16, "train.gradient_checkpointing": True})
-    model = attach_lora(cfg, load_base_model(cfg))
+    model = attach_lora(cfg, load_base(cfg))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the Trainer does
     base = model.get_base_model()
     assert base.model.embed_tokens.weight.dtype == base.lm_head.weight.dtype == base.model.norm.weight.dtype == torch.bfloat16
@@ -280,7 +281,7 @@ def test_16bit_compute_keeps_embeddings_and_head_16bit_and_lora_trains(tiny_llam
 def test_rslora_dora_and_modules_to_save_reach_the_peft_model(tiny_llama_dir, bf16):
     cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16, "lora.r": 4, "lora.alpha": 8,
              "lora.use_rslora": True, "lora.use_dora": True, "lora.modules_to_save": "lm_head"})
-    model = attach_lora(cfg, load_base_model(cfg))
+    model = attach_lora(cfg, load_base(cfg))
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r), not alpha / r
     assert "default" in q_proj.lora_magnitude_vector  # DoRA
@@ -304,10 +305,10 @@ def test_modules_to_save_that_matches_nothing_is_an_error():
 
 def test_targets_may_be_dotted_suffixes_or_the_output_head():
     model = tiny("llama")
-    assert resolve_targets(S({"lora.target_modules": "self_attn.q_proj,lm_head"}), model) == ["self_attn.q_proj", "lm_head"]
-    assert "lm_head" not in resolve_targets(S(), model)  # all-linear leaves the head out, as PEFT does
+    assert lora_targets(S({"lora.target_modules": "self_attn.q_proj,lm_head"}), model) == ["self_attn.q_proj", "lm_head"]
+    assert "lm_head" not in lora_targets(S(), model)  # all-linear leaves the head out, as PEFT does
     with pytest.raises(ConfigError, match="mlp.q_proj match no linear layer"):
-        resolve_targets(S({"lora.target_modules": "mlp.q_proj"}), model)
+        lora_targets(S({"lora.target_modules": "mlp.q_proj"}), model)
 
 
 # --------------------------------------------------------------------------- inspect-model and metrics
@@ -357,7 +358,7 @@ def test_inspect_model_with_real_weights_measures_what_it_estimated(tiny_llama_d
 
 def test_model_metrics_record_weights_and_memory_after_loading(tiny_llama_dir, bf16, tmp_path):
     cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16}, tmp_path)
-    model = attach_lora(cfg, load_base_model(cfg))
+    model = attach_lora(cfg, load_base(cfg))
     metrics = write_model_metrics(cfg, model)
     assert json.loads((tmp_path / "model" / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=str))
     for key in ("source", "quantization", "compute_dtype", "attn_implementation", "hardware", "targets", "coverage",
@@ -384,7 +385,7 @@ def test_evaluation_between_training_steps_leaves_the_gradients_alone(tiny_llama
     from qlora_helpers.model import keep_cpu_4bit_layers_trainable
 
     cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": "float32", "lora.dropout": 0.0})
-    model = attach_lora(cfg, load_base_model(cfg))
+    model = attach_lora(cfg, load_base(cfg))
     if not guarded:
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -401,3 +402,60 @@ def test_evaluation_between_training_steps_leaves_the_gradients_alone(tiny_llama
     else:
         assert changed, "bitsandbytes no longer loses gradients after an eval pass: keep_cpu_4bit_layers_trainable can go"
     assert keep_cpu_4bit_layers_trainable  # the guard load_base_model applies
+
+
+# --------------------------------------------------------------------------- the guards on what the notebooks' cells build
+def test_the_quantization_config_a_cell_builds_is_checked_against_the_config_and_the_machine(monkeypatch):
+    from transformers import BitsAndBytesConfig
+
+    from qlora_helpers.inspect_model import profile_quantization_config
+    from qlora_helpers.model import check_quantization_config
+
+    stage = S()
+    check_quantization_config(stage, profile_quantization_config(stage))  # what notebook 02 builds passes
+    for wrong, message in ((BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.float32), "quantizes to fp4"),
+                           (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16), "computes in bfloat16"),
+                           (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                                               bnb_4bit_compute_dtype=torch.float32), "double_quant=True"),
+                           (None, "built no BitsAndBytesConfig")):
+        with pytest.raises(ConfigError, match=message):
+            check_quantization_config(stage, wrong)
+    monkeypatch.setattr("qlora_helpers.stage.hardware", lambda: T4)  # a T4: the cell's bf16 is refused by the guard too
+    with pytest.raises(ConfigError, match="has no bf16 support"):
+        check_quantization_config(S({"quant.compute_dtype": "bfloat16"}), None)
+
+
+def test_the_lora_config_a_cell_builds_is_checked_against_the_config_and_the_model():
+    from peft import LoraConfig
+
+    from qlora_helpers.inspect_model import profile_lora_config
+    from qlora_helpers.model import check_lora_config
+
+    stage, model = S(), tiny("phi3")
+    check_lora_config(stage, model, profile_lora_config(stage, model))
+    with pytest.raises(ConfigError, match=r"LoraConfig has r=8, but the config says 16"):
+        check_lora_config(stage, model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["qkv_proj"],
+                                                   task_type="CAUSAL_LM"))
+    with pytest.raises(ConfigError, match=r"target_modules: q_proj, v_proj match no linear layer.*qkv_proj"):
+        check_lora_config(stage, model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                   target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(ConfigError, match="task_type"):
+        check_lora_config(stage, model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["o_proj"]))
+
+
+def test_the_training_arguments_a_cell_builds_are_checked_against_the_config(tmp_path):
+    from qlora_helpers import UserError
+    from qlora_helpers.train import check_training_arguments
+    from recipe import training_arguments
+
+    stage = S(run_dir=tmp_path)
+    args = training_arguments(stage, 64, world=1)  # notebook 03's cell: checked, passes
+    for change, message in (({"learning_rate": 1e-3}, r"learning_rate=0.001 \(the config says 0.0002\)"),
+                            ({"output_dir": str(tmp_path.parent / "elsewhere")}, "output_dir="),
+                            ({"report_to": ["wandb"]}, "report_to="),
+                            ({"load_best_model_at_end": False}, "load_best_model_at_end=False")):
+        wrong = args.__class__(**{**{k: v for k, v in args.to_dict().items() if k != "hub_token"}, **change})
+        with pytest.raises(UserError, match=message):
+            check_training_arguments(stage, wrong, 64, 1)

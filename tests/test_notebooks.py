@@ -1,10 +1,14 @@
 """Promises about the committed notebooks themselves (nbmake executes them; see the Makefile)."""
 import ast
 import json
+import sys
 
 import pytest
 
 from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+from notebook_outputs import source_hash  # noqa: E402
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -15,10 +19,42 @@ def test_notebooks_exist_and_are_numbered():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_committed_without_outputs(path):
+def test_the_committed_outputs_come_from_the_committed_cells(path):
+    """Each notebook carries a real run's outputs (make notebooks): every code cell ran, and the cells are the ones
+    that run executed (the hash of their sources it recorded), so a changed cell fails here until its outputs are
+    made again."""
     nb = json.loads(path.read_text())
-    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
-    assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
+    recorded = nb["metadata"].get("qlora", {})
+    assert recorded.get("source_sha256") == source_hash(nb["cells"]), \
+        f"{path.name}: its cells changed since its outputs were made; run `make notebooks`"
+    unrun = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and not c.get("execution_count")]
+    assert not unrun, f"{path.name}: cells {unrun} did not run"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_committed_outputs_read_well_anywhere(path):
+    """What GitHub shows: no machine's paths, no traceback, no progress bar or widget that a static page shows as
+    a frozen bar or a repr, no stderr noise, and every figure an embedded image."""
+    nb = json.loads(path.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    text = json.dumps(outputs)
+    for needle in ("/tmp/", "/root/", "/home/", "Traceback", "0%|", "<Figure size", "VBox(", "No log",
+                   "application/vnd.jupyter.widget-view+json"):
+        assert needle not in text, f"{path.name}: its outputs hold {needle!r}"
+    assert not [o for o in outputs if o.get("name") == "stderr"], f"{path.name}: stderr in its outputs"
+    assert "widgets" not in nb["metadata"]
+
+
+def test_the_committed_numbers_are_the_recorded_embedded_run():
+    """The numbers the notebooks show are the embedded profile's, as tests/test_shipped_scores.py records them."""
+    from test_shipped_scores import RECORDED, TOLERANCE
+
+    numbers = [json.loads(p.read_text())["metadata"]["qlora"]["numbers"] for p in NOTEBOOKS]
+    assert all(n == numbers[0] for n in numbers), "the notebooks' outputs come from different runs"
+    n = numbers[0]
+    assert n["exact_match_after"] == pytest.approx(RECORDED["4bit+adapter"], abs=TOLERANCE)
+    assert n["shipped_exact_match"] == pytest.approx(RECORDED["merged-dequantized"], abs=TOLERANCE)
+    assert n["val_loss_after"] < n["val_loss_before"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -52,8 +88,10 @@ def test_the_stage_notebooks_install_nothing_and_pin_nothing(path):
 
 
 # What each stage notebook must show in its own cells (the lesson), not only through a helper.
-SHOWN = {"02_quantized_model_loading": ["from_pretrained(", "quantization_config=bnb_config", "get_peft_model(model, peft_config)"],
-         "03_lora_training": ["Trainer(model=model, args=args", "trainer.train(resume_from_checkpoint="],
+SHOWN = {"02_quantized_model_loading": ["BitsAndBytesConfig(", "from_pretrained(", "quantization_config=bnb_config",
+                                        "LoraConfig(", "get_peft_model(model, peft_config)"],
+         "03_lora_training": ["get_peft_model(", "TrainingArguments(", "Trainer(model=model, args=args",
+                              "trainer.train(resume_from_checkpoint="],
          "04_evaluation": ["merge_and_unload(", "PeftModel.from_pretrained(", "playground("]}
 
 
@@ -63,3 +101,21 @@ def test_the_key_library_calls_stand_in_the_notebooks_own_cells(name):
                    if c["cell_type"] == "code")
     for call in SHOWN[name]:
         assert call in code, f"{name}: {call} is not in a code cell"
+
+
+# Every argument of the three configuration objects stands in the cell that builds them, each with its reason.
+BUILT = {"02_quantized_model_loading": ("BitsAndBytesConfig", "LoraConfig"), "03_lora_training": ("TrainingArguments",)}
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_the_configuration_objects_are_built_in_a_cell_with_a_reason_per_argument(name):
+    cells = ["".join(c["source"]) for c in json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+             if c["cell_type"] == "code"]
+    for cls in BUILT[name]:
+        cell = next(c for c in cells if f"{cls}(" in c and f"= {cls}(" in c)
+        call = next(n for n in ast.walk(ast.parse(cell)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == cls)
+        assert len(call.keywords) >= 6, f"{name}: {cls} is built with few arguments"
+        lines = cell.splitlines()
+        for kw in call.keywords:
+            line = lines[kw.value.lineno - 1]
+            assert "#" in line or "#" in lines[kw.value.end_lineno - 1], f"{name}: {cls}({kw.arg}=...) has no reason beside it"

@@ -25,7 +25,7 @@ def tiny_llama(attn):
     model = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn)).eval()
-    # transformers only detects packed rows when no KV cache is made; build_trainer turns the cache off.
+    # transformers only detects packed rows when no KV cache is made; load_base_model turns the cache off.
     model.config.use_cache = False
     return model
 

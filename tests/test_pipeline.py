@@ -38,6 +38,36 @@ def test_pipeline_runs_every_notebook_and_writes_the_summary(tmp_path):
     assert "validation loss" in report and "transformers" in report
     lines = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if l["kind"] == "train"] == [1, 2, 3, 4]
+    assert_benchmarks_build_what_the_notebooks_built(run_dir)
+
+
+def assert_benchmarks_build_what_the_notebooks_built(run_dir):
+    """The notebooks' cells are the definition of the three configuration objects; benchmarks/recipe.py (the
+    benchmarks, tests that train outside a notebook, inspect-model) builds them from the profile alone and must
+    agree with what notebooks 02 and 03 saved in this run."""
+    from peft import LoraConfig
+
+    from qlora_helpers.inspect_model import meta_model, profile_lora_config, profile_quantization_config
+    from qlora_helpers.model import load_model_config
+    from qlora_helpers.runs import load_config
+    from qlora_helpers.stage import Stage
+    from qlora_helpers.train import training_datasets
+    from recipe import training_arguments
+
+    stage = Stage(load_config(run_dir), run_dir)
+    saved_bnb = json.loads((run_dir / "model" / "quantization_config.json").read_text())
+    assert json.loads(json.dumps(profile_quantization_config(stage).to_dict(), default=str)) == saved_bnb
+    saved_lora = LoraConfig.from_pretrained(str(run_dir / "model" / "lora")).to_dict()
+    built_lora = profile_lora_config(stage, meta_model(stage, load_model_config(stage))).to_dict()
+    comparable = lambda d: {k: sorted(v) if isinstance(v, (set, list)) else v  # noqa: E731
+                            for k, v in d.items() if k != "base_model_name_or_path"}  # get_peft_model fills that in
+    assert comparable(built_lora) == comparable(saved_lora)
+    saved_args = json.loads((run_dir / "train" / "training_args.json").read_text())
+    built_args = json.loads(json.dumps(training_arguments(stage, len(training_datasets(stage)[0]), world=1).to_dict(),
+                                       default=str))
+    differ = {k: (built_args.get(k), v) for k, v in saved_args.items()
+              if k not in ("disable_tqdm", "hub_token") and built_args.get(k) != v}
+    assert not differ, f"benchmarks/recipe.py builds other TrainingArguments than notebook 03: {differ}"
 
 
 def test_a_failing_stage_names_the_notebook_and_the_error(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from qlora_helpers.model import attach_lora, load_base_model, weight_bytes
+from qlora_helpers.model import weight_bytes
+from recipe import attach_lora, load_base
 from test_model import S, bf16, tiny, tiny_llama_dir  # noqa: F401,F811 (fixtures)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -15,7 +16,7 @@ from random_model import build_random_model  # noqa: E402
 
 def test_random_model_is_what_from_pretrained_would_load(tiny_llama_dir, bf16):
     cfg = S({"model.name": str(tiny_llama_dir), "quant.compute_dtype": bf16})
-    loaded, built = load_base_model(cfg), build_random_model(cfg)
+    loaded, built = load_base(cfg), build_random_model(cfg)
     assert built.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
     assert (built.is_loaded_in_4bit, type(built.hf_quantizer)) == (True, type(loaded.hf_quantizer))
     built_params = dict(built.named_parameters())

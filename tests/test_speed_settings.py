@@ -6,7 +6,8 @@ import os
 
 from qlora_helpers import Stage, build_config
 from qlora_helpers.preflight import tokens_per_micro_batch
-from qlora_helpers.train import total_steps, training_arguments, training_datasets
+from qlora_helpers.train import total_steps, training_datasets
+from recipe import training_arguments  # notebook 03's TrainingArguments cell, argument for argument
 
 DYNAMO = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")
 

@@ -100,12 +100,11 @@ def test_a_nan_loss_stops_training_naming_the_step(tmp_path):
 
 def test_the_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, smol_tokenizer):
     from qlora_helpers.data import prepare_data
-    from qlora_helpers.model import attach_lora, load_base_model
-    from qlora_helpers.train import build_trainer, train
+    from recipe import attach_lora, build_trainer, load_base, train
 
     stage = Stage(build_config("test", {"train.max_steps": 50, "train.max_minutes": 0.001}), tmp_path)
     prepare_data(stage, smol_tokenizer)
-    trainer = build_trainer(stage, attach_lora(stage, load_base_model(stage)), smol_tokenizer)
+    trainer = build_trainer(stage, attach_lora(stage, load_base(stage)), smol_tokenizer)
     metrics = train(stage, trainer)
     assert metrics["stopped_by_time_budget"] and metrics["steps"] == 1
     assert last_checkpoint(tmp_path).endswith("checkpoint-1")
@@ -127,8 +126,7 @@ def test_packed_rows_train_like_one_packed_row(tmp_path, smol_tokenizer):
     """train.packing_row_tokens changes the layout of a micro-batch, not the training: the same examples, the same
     losses, the same count of real (non-padding) tokens."""
     from qlora_helpers.data import prepare_data
-    from qlora_helpers.model import attach_lora, load_base_model
-    from qlora_helpers.train import build_trainer, train
+    from recipe import attach_lora, build_trainer, load_base, train
 
     results = {}
     for rows in (0, 128):
@@ -138,7 +136,7 @@ def test_packed_rows_train_like_one_packed_row(tmp_path, smol_tokenizer):
                                     "quant.compute_dtype": "float32"})
         stage = Stage(cfg, run_dir)
         prepare_data(stage, smol_tokenizer)
-        trainer = build_trainer(stage, attach_lora(stage, load_base_model(stage)), smol_tokenizer)
+        trainer = build_trainer(stage, attach_lora(stage, load_base(stage)), smol_tokenizer)
         if rows:
             batch = trainer.data_collator(trainer.train_dataset[:8])
             assert batch["input_ids"].shape[0] > 1 and batch["input_ids"].shape[1] <= 128
