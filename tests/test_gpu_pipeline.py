@@ -1,0 +1,123 @@
+"""The pure pieces of benchmarks/gpu_pipeline.py, which runs on a lent GPU machine whose minutes are few: which
+carried wheels it installs there, how per-cell records add up to stages, how a wheel cut in pieces is joined, the
+memory cap the T4 part puts on every process. The whole driver is run by hand in its smoke mode (docs/benchmarks.md);
+nothing here measures."""
+import importlib.util
+import json
+import sys
+import zipfile
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_pipeline_env as env  # noqa: E402
+import gpu_pipeline_measure as measure  # noqa: E402
+import gpu_wheels  # noqa: E402
+
+
+def test_only_what_the_machine_lacks_or_refuses_is_installed():
+    wheels = {"papermill": {"version": "2.7.0", "group": "image"}, "tornado": {"version": "6.6.1", "group": "image"},
+              "pydantic": {"version": "2.14.4", "group": "image"},
+              "typing-extensions": {"version": "4.16.0", "group": "refused"},
+              "fsspec": {"version": "2025.9.0", "group": "refused"}, "psutil": {"version": "7.2.2", "group": "refused"},
+              "tokenizers": {"version": "0.23.3", "group": "pins"}, "peft": {"version": "0.21.0", "group": "pins"}}
+    present = {"tornado": "6.5.0", "typing-extensions": "4.12.0", "fsspec": "2025.3.0", "psutil": "5.9.0",
+               "tokenizers": "0.23.2", "peft": "0.21.0"}
+    requirements = {"pydantic": ["typing-extensions>=4.14.1", "annotated-types>=0.6.0"],
+                    "papermill": ["tqdm>=4.32.2", 'psutil>=7; extra == "dev"'], "peft": ["psutil>=7"]}
+    chosen = env.select(wheels, present, requirements)
+    assert set(chosen) == {"papermill", "pydantic", "typing-extensions", "tokenizers"}
+    assert "pydantic needs typing-extensions>=4.14.1" in chosen["typing-extensions"]
+    assert chosen["tokenizers"] == "the machine has 0.23.2, the project pins 0.23.3"
+    # tornado is there (an older one nobody refuses), fsspec 2025.3.0 is refused by no one, psutil only by an extra
+    # or by peft, which is not installed: all kept as the machine has them
+    assert env.conflicts(wheels, chosen, present, {"pydantic": ["psutil>=7"]}) == \
+        ["pydantic needs psutil>=7, the machine has 5.9.0"]
+
+
+def test_cells_add_up_to_stages_and_exact_peaks_are_marked():
+    ids = {"a": "s02-x", "b": "s02-y", "c": "kaggle-free-02-03", "d": "s03-z", "e": "kaggle-install"}
+    rec = dict(pid=7, ok=True, wchar=0, rss_peak_exact=False, gpu_reserved_exact=False)
+    records = [
+        {**rec, "sha1": "e", "t0": 0, "t1": 1, "wall_s": 1.0, "rss_peak_gib": 0.1, "write_bytes": 2**30},
+        {**rec, "sha1": "a", "t0": 1, "t1": 3, "wall_s": 2.0, "rss_peak_gib": 1.0, "gpu_reserved_peak_gib": 2.5,
+         "gpu_reserved_exact": True, "write_bytes": 0},
+        {**rec, "sha1": "b", "t0": 3, "t1": 4, "wall_s": 1.0, "rss_peak_gib": 1.5, "rss_peak_exact": True,
+         "gpu_reserved_peak_gib": 2.0, "write_bytes": 2**29},
+        {**rec, "sha1": "c", "t0": 4, "t1": 5, "wall_s": 1.0, "rss_peak_gib": 1.2, "gpu_reserved_peak_gib": 0.5},
+        {**rec, "sha1": "d", "t0": 5, "t1": 9, "wall_s": 4.0, "rss_peak_gib": 1.4, "gpu_reserved_peak_gib": 9.3,
+         "ok": False, "error": "OutOfMemoryError"},
+    ]
+    device = [{"t": 2, "pid": 7, "mib": 3072}, {"t": 6, "pid": 7, "mib": 10240}, {"t": 6, "pid": 8, "mib": 99999}]
+    got = measure.stages(records, ids, device)
+    assert set(got) == {"install", "02", "free-02-03", "03"}
+    assert got["02"]["wall_s"] == 3.0 and got["02"]["gpu_reserved_peak_gib"] == 2.5 and got["02"]["gpu_reserved_exact"]
+    assert got["02"]["peak_cell"] == "s02-x" and got["02"]["rss_peak_gib"] == 1.5 and got["02"]["rss_peak_exact"]
+    assert got["02"]["disk_written_gib"] == 0.5 and got["install"]["disk_written_gib"] == 1.0
+    assert got["02"]["device_used_peak_gib"] == 3.0 and got["03"]["device_used_peak_gib"] == 10.0  # pid 8 is not it
+    assert got["03"]["failed"] == [{"cell": "s03-z", "error": "OutOfMemoryError"}]
+    assert measure.stage_of("c04-13") == "04" and measure.stage_of("kaggle-plots") == "other"
+
+
+def test_a_wheel_cut_into_parts_is_joined_and_checked(tmp_path):
+    big = tmp_path / "big-1.0-py3-none-any.whl"
+    big.write_bytes(bytes(range(256)) * 1000)
+    parts = [tmp_path / "repo" / ".dev" / "gpu-wheels" / f"part{i}" for i in (1, 2)]
+    for p in parts:
+        p.mkdir(parents=True)
+    small = parts[0] / "small-2.0-py3-none-any.whl"
+    small.write_bytes(b"wheel")
+    manifest = {"files": {small.name: {"group": "image", "part": "part1", "bytes": 5, "sha256": ""}},
+                "pieces": {big.name: {"group": "embedded", "bytes": big.stat().st_size, "sha256": gpu_wheels.sha256(big),
+                                      "pieces": gpu_wheels.cut(big, [100_000, 0], parts)}}}
+    for p in parts:
+        (p / "manifest.json").write_text(json.dumps(manifest))
+    staging = tmp_path / "staging"
+    # the first call carries part1 only: the small wheel is staged, the big one waits for its last piece
+    (tmp_path / "later").mkdir()
+    parts[1].rename(tmp_path / "later" / "part2")
+    first = env.stage_parts(tmp_path / "repo" / ".dev" / "gpu-wheels", staging)
+    assert first["missing"] == [f"{big.name}.piece2 (part2)"] and (staging / small.name).read_bytes() == b"wheel"
+    (tmp_path / "later" / "part2").rename(parts[1])
+    parts[0].rename(tmp_path / "later" / "part1")  # the second call carries part2 alone
+    assert env.stage_parts(tmp_path / "repo" / ".dev" / "gpu-wheels", staging)["missing"] == []
+    assert (staging / big.name).read_bytes() == big.read_bytes()
+
+
+def test_bitsandbytes_keeps_only_its_cpu_and_cuda130_libraries(tmp_path):
+    src = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libs = ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda128.so",
+            "libbitsandbytes_rocm72.so"]
+    with zipfile.ZipFile(src, "w") as z:
+        for name in ["__init__.py", *libs]:
+            z.writestr(f"bitsandbytes/{name}", name)
+        record = "".join(f"bitsandbytes/{n},sha256=x,1\n" for n in ["__init__.py", *libs])
+        z.writestr("bitsandbytes-0.50.2.dist-info/RECORD", record + "bitsandbytes-0.50.2.dist-info/RECORD,,\n")
+    out = gpu_wheels.trim_bitsandbytes(src, tmp_path / "trimmed" / src.name)
+    with zipfile.ZipFile(out) as z:
+        kept = sorted(n.split("/")[-1] for n in z.namelist() if n.endswith(".so"))
+        record = z.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
+    assert kept == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so"]
+    assert "cuda128" not in record and "rocm" not in record and "cuda130" in record
+
+
+def test_the_cap_is_applied_to_every_gpu_and_logged(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_sitecustomize", REPO / "benchmarks" / "pipeline_hooks" / "sitecustomize.py")
+    hook = importlib.util.module_from_spec(spec)
+    monkeypatch.delenv("QLORA_BENCH_GPU_CAP_GIB", raising=False)  # loading it must queue nothing
+    spec.loader.exec_module(hook)
+    import torch
+
+    calls = []
+
+    class Props:
+        total_memory = 140 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.append((f, i)))
+    monkeypatch.setenv("QLORA_BENCH_CAP_LOG", str(tmp_path / "cap.jsonl"))
+    hook.apply_cap(15.0)
+    assert calls == [(15 / 140, 0), (15 / 140, 1)]
+    line = json.loads((tmp_path / "cap.jsonl").read_text())
+    assert [d["fraction"] for d in line["devices"]] == [round(15 / 140, 6)] * 2 and "error" not in line
