@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
@@ -164,10 +165,11 @@ def part_t4(ctx: Ctx) -> dict:
     dataset = env.helper_dataset(root / "input" / "qlora-helpers", ctx.staging, ctx.manifest, gpu=not ctx.smoke)
     res["dataset"] = sorted(p.name for p in dataset.iterdir())
     shutil.rmtree(ctx.work / "kernel-venv", ignore_errors=True)  # a fresh kernel environment: the install cell's work
-    layers = [str(ctx.site / "image"), sysconfig.get_paths()["purelib"]] if ctx.carried else \
-        [sysconfig.get_paths()["purelib"]]
-    kernel_python = env.kernel_env(ctx.work / "kernel-venv", layers, ctx.work / "jupyter", KERNEL_NAME,
-                                   site_dir=ctx.carried)
+    if ctx.carried:  # the carried image packages, then every site directory of the machine's python3
+        layers, site_dirs = [str(ctx.site / "image")], site.getsitepackages()
+    else:  # as tests/test_kaggle_kernel.py layers it on this .venv
+        layers, site_dirs = [sysconfig.get_paths()["purelib"]], []
+    kernel_python = env.kernel_env(ctx.work / "kernel-venv", ctx.work / "jupyter", KERNEL_NAME, layers, site_dirs)
     sys.path.insert(0, str(REPO / "tools"))
     import kaggle_build
 

@@ -190,18 +190,16 @@ def conflicts(wheels: dict, chosen: dict, present: dict, requirements: dict) -> 
 
 
 # --------------------------------------------------------------------------- a kernel and a /kaggle like Kaggle's
-def kernel_env(folder: Path, layers: list[str], jupyter: Path, name: str, site_dir: bool = True) -> Path:
-    """A virtual environment whose site-packages sees ``layers`` (folders, in order, after its own) through a .pth
-    file, registered as the Jupyter kernel ``name`` under ``jupyter``: what tests/test_kaggle_kernel.py does, so the
-    install cell installs into this environment and nothing else. With ``site_dir`` the last layer (the interpreter's
-    own site-packages) is added as a site directory, so that its own .pth files work as they do for that interpreter;
-    without, as a plain folder, as the test does (an editable install of qlora_helpers there then stays invisible)."""
+def kernel_env(folder: Path, jupyter: Path, name: str, layers: list[str], site_dirs: list[str]) -> Path:
+    """A virtual environment that sees, after its own site-packages, the folders ``layers`` and then the site
+    directories ``site_dirs`` (with their own .pth files, as the interpreter they belong to sees them), through a
+    .pth file, registered as the Jupyter kernel ``name`` under ``jupyter``: what tests/test_kaggle_kernel.py does
+    (there with a plain folder, which leaves an editable install of qlora_helpers invisible), so the install cell
+    installs into this environment and nothing else."""
     if not (folder / "bin" / "python").exists():
         venv.create(folder, with_pip=False, symlinks=True)
     site = next((folder / "lib").glob("python3*")) / "site-packages"
-    lines = [f"{p}\n" for p in layers]
-    if site_dir:
-        lines[-1] = f"import site; site.addsitedir({layers[-1]!r})\n"
+    lines = [f"{p}\n" for p in layers] + [f"import site; site.addsitedir({p!r})\n" for p in site_dirs]
     (site / "layers.pth").write_text("".join(lines))
     spec = jupyter / "kernels" / name
     spec.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,49 @@ def stage_of(cell_id: str) -> str:
     return "other"
 
 
-def cells_by_sha(notebooks: list[Path]) -> dict[str, str]:
-    """{sha1 of a code cell's source: its cell id} for the given notebooks (what cell_stats.py hashes)."""
-    out = {}
+def cells_by_sha(notebooks: list[Path]) -> dict[str, list[tuple[str, str]]]:
+    """{sha1 of a code cell's source (what cell_stats.py hashes): [(stage, cell id), ...]} for the given notebooks.
+    A stage notebook's cells belong to its number (its parameters cell to 'other'); the kernel notebook's by their
+    ids (stage_of). One source can be several cells: each stage's start_stage cell reads the same."""
+    out: dict[str, list[tuple[str, str]]] = {}
     for nb in notebooks:
+        numbered = re.match(r"(\d\d)_", Path(nb).name)
         for i, cell in enumerate(json.loads(Path(nb).read_text())["cells"]):
-            if cell["cell_type"] == "code":
-                source = "".join(cell["source"])
-                out[hashlib.sha1(source.encode()).hexdigest()] = cell.get("id") or f"{Path(nb).stem}-{i}"
+            if cell["cell_type"] != "code":
+                continue
+            cell_id = cell.get("id") or f"{Path(nb).stem}-{i}"
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                stage = "other"
+            else:
+                stage = numbered.group(1) if numbered else stage_of(cell_id)
+            sha = hashlib.sha1("".join(cell["source"]).encode()).hexdigest()
+            out.setdefault(sha, []).append((stage, cell_id))
+    return out
+
+
+def attribute(records: list[dict], ids: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """(stage, cell id) of each record. A source several cells share goes to the stage of the next record of the
+    same process that has one stage only (cells run in order, and a stage starts with its start_stage cell), else
+    of the last one before it; papermill's injected parameters cell, which no notebook holds, is 'other'."""
+    def sole(rec):
+        found = {c[0] for c in ids.get(rec["sha1"], [])}
+        return next(iter(found)) if len(found) == 1 else None
+
+    out = []
+    for i, rec in enumerate(records):
+        cands = ids.get(rec["sha1"])
+        if not cands:
+            injected = rec.get("first_line", "").startswith("# Parameters")
+            out.append(("other", "injected-parameters" if injected else "unknown"))
+            continue
+        if len({c[0] for c in cands}) == 1:
+            out.append(cands[0])
+            continue
+        same = [r for r in records if r["pid"] == rec["pid"]]
+        at = same.index(rec)
+        near = [sole(r) for r in same[at + 1:]] + [sole(r) for r in reversed(same[:at])]
+        wanted = next((s for s in near if s in {c[0] for c in cands}), None)
+        out.append(next((c for c in cands if c[0] == wanted), cands[0]))
     return out
 
 
@@ -51,16 +86,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def stages(records: list[dict], ids: dict[str, str], device: list[dict] | None = None) -> dict[str, dict]:
+def stages(records: list[dict], ids: dict[str, list[tuple[str, str]]], device: list[dict] | None = None) -> dict[str, dict]:
     """Per stage, from the per-cell records: wall time (sum of its cells), peak GPU memory reserved and allocated by
     PyTorch (the highest of its cells; 'exact' when that cell raised the process's own peak), peak RSS (likewise),
     bytes written, and the processes. ``device``: nvidia-smi samples [{"t", "pid", "mib"}], whose highest value for
     the stage's processes within its cells' time is what the GPU held for them, CUDA context included."""
     out: dict[str, dict] = {}
-    for rec in records:
-        cell = ids.get(rec["sha1"], "injected-parameters" if rec.get("first_line", "").startswith("# Parameters")
-                       else "unknown")
-        s = out.setdefault(stage_of(cell), {"cells": 0, "wall_s": 0.0, "gpu_reserved_peak_gib": None,
+    for rec, (stage, cell) in zip(records, attribute(records, ids)):
+        s = out.setdefault(stage, {"cells": 0, "wall_s": 0.0, "gpu_reserved_peak_gib": None,
                                             "gpu_reserved_exact": None, "gpu_allocated_peak_gib": None,
                                             "rss_peak_gib": 0.0, "rss_peak_exact": None, "write_bytes": 0,
                                             "wchar": 0, "pids": [], "windows": [], "failed": [], "peak_cell": None,

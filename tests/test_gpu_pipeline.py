@@ -2,6 +2,7 @@
 carried wheels it installs there, how per-cell records add up to stages, how a wheel cut in pieces is joined, the
 memory cap the T4 part puts on every process. The whole driver is run by hand in its smoke mode (docs/benchmarks.md);
 nothing here measures."""
+import hashlib
 import importlib.util
 import json
 import sys
@@ -36,27 +37,48 @@ def test_only_what_the_machine_lacks_or_refuses_is_installed():
 
 
 def test_cells_add_up_to_stages_and_exact_peaks_are_marked():
-    ids = {"a": "s02-x", "b": "s02-y", "c": "kaggle-free-02-03", "d": "s03-z", "e": "kaggle-install"}
-    rec = dict(pid=7, ok=True, wchar=0, rss_peak_exact=False, gpu_reserved_exact=False)
+    # "start" is each stage's start_stage cell: one source in two stages, told apart by the cells after it
+    ids = {"install": [("install", "kaggle-install")], "free": [("free-02-03", "kaggle-free-02-03")],
+           "start": [("02", "s02-start"), ("03", "s03-start")], "load": [("02", "s02-load")],
+           "count": [("02", "s02-count")], "train": [("03", "s03-train")]}
+    rec = dict(pid=7, ok=True, wchar=0, rss_peak_exact=False, gpu_reserved_exact=False, write_bytes=0)
     records = [
-        {**rec, "sha1": "e", "t0": 0, "t1": 1, "wall_s": 1.0, "rss_peak_gib": 0.1, "write_bytes": 2**30},
-        {**rec, "sha1": "a", "t0": 1, "t1": 3, "wall_s": 2.0, "rss_peak_gib": 1.0, "gpu_reserved_peak_gib": 2.5,
-         "gpu_reserved_exact": True, "write_bytes": 0},
-        {**rec, "sha1": "b", "t0": 3, "t1": 4, "wall_s": 1.0, "rss_peak_gib": 1.5, "rss_peak_exact": True,
-         "gpu_reserved_peak_gib": 2.0, "write_bytes": 2**29},
-        {**rec, "sha1": "c", "t0": 4, "t1": 5, "wall_s": 1.0, "rss_peak_gib": 1.2, "gpu_reserved_peak_gib": 0.5},
-        {**rec, "sha1": "d", "t0": 5, "t1": 9, "wall_s": 4.0, "rss_peak_gib": 1.4, "gpu_reserved_peak_gib": 9.3,
+        {**rec, "sha1": "install", "t0": 0, "t1": 1, "wall_s": 1.0, "rss_peak_gib": 0.1, "write_bytes": 2**30},
+        {**rec, "sha1": "start", "t0": 1, "t1": 1.5, "wall_s": 0.5, "rss_peak_gib": 0.2},
+        {**rec, "sha1": "load", "t0": 1.5, "t1": 3, "wall_s": 1.5, "rss_peak_gib": 1.0, "gpu_reserved_peak_gib": 2.5,
+         "gpu_reserved_exact": True},
+        {**rec, "sha1": "count", "t0": 3, "t1": 4, "wall_s": 1.0, "rss_peak_gib": 1.5, "rss_peak_exact": True,
+         "gpu_reserved_peak_gib": 2.0, "write_bytes": 2**29, "gpu_memory_fraction": 0.107},
+        {**rec, "sha1": "free", "t0": 4, "t1": 5, "wall_s": 1.0, "rss_peak_gib": 1.2, "gpu_reserved_peak_gib": 0.5},
+        {**rec, "sha1": "start", "t0": 5, "t1": 5.5, "wall_s": 0.5, "rss_peak_gib": 1.2},
+        {**rec, "sha1": "train", "t0": 5.5, "t1": 9, "wall_s": 3.5, "rss_peak_gib": 1.4, "gpu_reserved_peak_gib": 9.3,
          "ok": False, "error": "OutOfMemoryError"},
+        {**rec, "sha1": "?", "first_line": "# Parameters", "t0": 9, "t1": 9, "wall_s": 0.0, "rss_peak_gib": 0.1},
     ]
     device = [{"t": 2, "pid": 7, "mib": 3072}, {"t": 6, "pid": 7, "mib": 10240}, {"t": 6, "pid": 8, "mib": 99999}]
     got = measure.stages(records, ids, device)
-    assert set(got) == {"install", "02", "free-02-03", "03"}
-    assert got["02"]["wall_s"] == 3.0 and got["02"]["gpu_reserved_peak_gib"] == 2.5 and got["02"]["gpu_reserved_exact"]
-    assert got["02"]["peak_cell"] == "s02-x" and got["02"]["rss_peak_gib"] == 1.5 and got["02"]["rss_peak_exact"]
+    assert set(got) == {"install", "02", "free-02-03", "03", "other"}
+    assert got["02"]["cells"] == 3 and got["03"]["cells"] == 2 and got["02"]["wall_s"] == 3.0
+    assert got["02"]["gpu_reserved_peak_gib"] == 2.5 and got["02"]["gpu_reserved_exact"] and got["02"]["peak_cell"] == "s02-load"
+    assert got["02"]["rss_peak_gib"] == 1.5 and got["02"]["rss_peak_exact"] and got["02"]["memory_fraction"] == 0.107
     assert got["02"]["disk_written_gib"] == 0.5 and got["install"]["disk_written_gib"] == 1.0
     assert got["02"]["device_used_peak_gib"] == 3.0 and got["03"]["device_used_peak_gib"] == 10.0  # pid 8 is not it
-    assert got["03"]["failed"] == [{"cell": "s03-z", "error": "OutOfMemoryError"}]
-    assert measure.stage_of("c04-13") == "04" and measure.stage_of("kaggle-plots") == "other"
+    assert got["03"]["failed"] == [{"cell": "s03-train", "error": "OutOfMemoryError"}]
+    assert measure.stage_of("s04-13") == "04" and measure.stage_of("kaggle-plots") == "other"
+
+
+def test_cells_are_found_in_stage_notebooks_by_their_source(tmp_path):
+    def notebook(name, sources, tags=()):
+        cells = [{"cell_type": "code", "id": f"x{i}", "metadata": {"tags": list(tags) if i == 0 else []},
+                  "source": [src]} for i, src in enumerate(sources)]
+        (tmp_path / name).write_text(json.dumps({"cells": cells}))
+        return tmp_path / name
+
+    ids = measure.cells_by_sha([notebook("01_data.ipynb", ["P = 1", "start()", "load()"], ["parameters"]),
+                                notebook("02_model.ipynb", ["P = 1", "start()", "fit()"], ["parameters"])])
+    sha = {src: hashlib.sha1(src.encode()).hexdigest() for src in ("P = 1", "start()", "load()", "fit()")}
+    assert ids[sha["P = 1"]] == [("other", "x0"), ("other", "x0")] and ids[sha["fit()"]] == [("02", "x2")]
+    assert [s for s, _ in ids[sha["start()"]]] == ["01", "02"]
 
 
 def test_a_wheel_cut_into_parts_is_joined_and_checked(tmp_path):
