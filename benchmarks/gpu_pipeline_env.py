@@ -64,7 +64,7 @@ def stage_parts(parts_dir: Path, staging: Path) -> dict:
     if manifest is None and (staging / "manifest.json").is_file():
         manifest = json.loads((staging / "manifest.json").read_text())
     if manifest is None:
-        return {"manifest": None, "missing": ["every part (.dev/gpu-wheels/part1 carried?)"]}
+        return {"manifest": None, "missing": ["manifest.json (part1)"]}
     missing = [f"{name} ({f['part']})" for name, f in manifest["files"].items()
                if not (staging / name).is_file() or (staging / name).stat().st_size != f["bytes"]]
     for name, whole in manifest["pieces"].items():
