@@ -133,7 +133,8 @@ def _gguf_cache_folder(gguf: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- models
-def _holds_weights(filenames) -> bool:
+def holds_weights(filenames) -> bool:
+    """Whether a folder listing holds model weights (safetensors, or PyTorch's pytorch_model*.bin)."""
     return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin")) for f in filenames)
 
 
@@ -155,7 +156,7 @@ def kaggle_input_model(name: str, root: str | Path | None = None) -> Path | None
         parts = Path(dirpath).relative_to(root).parts
         if len(parts) >= MODEL_SEARCH_DEPTH:
             dirnames.clear()
-        if "config.json" not in filenames or not _holds_weights(filenames):
+        if "config.json" not in filenames or not holds_weights(filenames):
             continue
         words = _words("/".join(parts))
         if wanted <= words:
