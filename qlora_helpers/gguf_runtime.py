@@ -11,8 +11,8 @@ Two runtimes, the one used named in every row:
   scores the file's weights and tokenizer, not llama.cpp's kernels (which, for q8_0 and the k-quants, also round
   the activations to 8 bits).
 
-Both also tokenize every prompt with the file's own vocabulary and count the prompts that give exactly training's
-tokens: what llama.cpp or Ollama will feed the model when a user types the same text.
+llama.cpp also tokenizes every prompt with the file's own vocabulary and counts the prompts that give exactly
+training's tokens: what llama.cpp or Ollama will feed the model when a user types the same text.
 """
 from __future__ import annotations
 
@@ -68,22 +68,22 @@ def llama_cpp_answers(path: Path, prompts: list[str], prompt_ids: list[list[int]
 
 
 def transformers_answers(path: Path, prompts: list[str], prompt_ids: list[list[int]], stage, stop_ids: list[int],
-                         tokenizer, dtype: str) -> tuple[list[dict[str, Any]], int]:
-    """Greedy answers from the file's weights dequantized by transformers, with the evaluation's generate()."""
+                         tokenizer, dtype: str) -> tuple[list[dict[str, Any]], None]:
+    """Greedy answers from the file's weights dequantized by transformers, with the evaluation's generate(). No
+    count of prompts tokenized as in training (None): transformers rebuilds a tokenizer of its own from the file's
+    vocabulary, which is not llama.cpp's (it misses SentencePiece's byte pieces), so its count would say nothing."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .evaluate import generate
 
-    own = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    same = sum(own(p, add_special_tokens=False)["input_ids"] == ids for p, ids in zip(prompts, prompt_ids))
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype))
     model.to(stage.device).eval()
     ev = stage.cfg.eval
     answers, _ = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, stop_ids)
     del model
     gc.collect()
-    return answers, same
+    return answers, None
 
 
 def score_files(stage, files: list[dict[str, Any]], llama_cpp_version: str | None, tokenizer, examples: list[dict],
