@@ -50,8 +50,9 @@ GGUF ?=
 gguf-llamacpp: setup
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -r requirements-llamacpp.txt
 	$(PY) -m qlora_helpers.gguf_export $(if $(RUN_DIR),$(RUN_DIR),runs/latest) $(if $(GGUF),--types $(GGUF))
-# Only the library: no multimodal (mtmd) library, no tests, examples, tools or server; the CPU's own instructions.
-LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# The package's default build, the one measured in docs/gguf.md; e.g. LLAMACPP_CMAKE_ARGS=-DLLAVA_BUILD=OFF skips
+# its multimodal library (not measured here).
+LLAMACPP_CMAKE_ARGS ?=
 
 # TRL's SFTTrainer against the project's Trainer on the CPU (docs/benchmarks.md), in its own environment.
 bench-trl-cpu:
