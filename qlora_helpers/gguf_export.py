@@ -329,7 +329,11 @@ def export_and_score(stage, merged: dict[str, Any] | None, check: dict[str, Any]
     plan = check_request(stage)
     tokenizer = load_tokenizer(stage)
     formatter = Formatter(tokenizer, stage.cfg.data.template, stage.cfg.data.system_prompt)
-    files = make_files(stage, plan, tokenizer, formatter)
+    try:
+        files = make_files(stage, plan, tokenizer, formatter)
+    except GGUFExportFailed as exc:  # the merged model and every other form's scores are kept; the report says why
+        print(f"warning: no GGUF files: {exc}", file=sys.stderr)
+        return {"types": stage.cfg.eval.export_gguf, "files": [], "error": str(exc)}
     made = time.time() - t0
     examples, prompts, stop_ids = held_out_prompts(stage, tokenizer)
     gens = read_generations(stage.run_dir)
