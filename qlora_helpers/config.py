@@ -15,7 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_PROFILE = "embedded"
@@ -111,6 +112,26 @@ class EvalConfig(_Section):
     # (scores what evaluation measured); "original" = the exact 16-bit base weights (it never saw them)
     merge_into: Literal["dequantized", "original"] = "dequantized"
     push_to_hub: str = ""             # hub repo "owner/name" to push the adapter to ("" = no push; token: HF_TOKEN)
+    # GGUF files of the merged model for llama.cpp and Ollama, e.g. [f16, q8_0, q4_k_m] or "f16,q8_0" ([] = none):
+    # RUN_DIR/export/gguf/<name>-<type>.gguf, each scored on the held-out prompts (qlora_helpers.gguf_export)
+    export_gguf: list[str] = Field(default_factory=list)
+
+    @field_validator("export_gguf", mode="before")
+    @classmethod
+    def _gguf_types(cls, value: Any) -> Any:
+        """A comma-separated string or a list, each a GGUF type this project makes (qlora_helpers.gguf_export)."""
+        from .gguf_export import GGUF_TYPES
+
+        if isinstance(value, str):
+            value = [] if value.strip() in ("", "[]") else value.strip().strip("[]").split(",")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return value  # pydantic refuses it as not a list of text
+        types = list(dict.fromkeys(v.strip().strip("'\"").lower() for v in value if v.strip()))
+        unknown = [t for t in types if t not in GGUF_TYPES]
+        if unknown:
+            raise PydanticCustomError("gguf_type", "{got} is not a GGUF type this project makes ({known})",
+                                      {"got": repr(unknown[0]), "known": ", ".join(GGUF_TYPES)})
+        return types
 
 
 SECTIONS = ("data", "model", "quant", "lora", "train", "eval")
@@ -227,6 +248,8 @@ def _explain(error: dict[str, Any], annotation: Any) -> str:
         return f"must be {op} {error['ctx'][name]}, got {value!r}"
     if kind == "finite_number":
         return f"must be a finite number, got {value!r}"
+    if kind == "gguf_type":
+        return error["msg"]
     if kind in ("string_too_short", "string_pattern_mismatch"):
         return "must not be empty or blank"
     names = {"int": "int", "bool": "bool (true/false)", "float": "float", "string": "text"}
@@ -294,6 +317,9 @@ def validate(cfg: Config) -> Config:
         if t.optim not in known:
             raise ConfigError(f"config key 'train.optim': {t.optim!r} is not an optimizer transformers knows "
                               f"(auto, {', '.join(known)})")
+    if cfg.eval.export_gguf and not cfg.eval.export_merged:
+        raise ConfigError(f"config keys 'eval.export_gguf'={','.join(cfg.eval.export_gguf)} and 'eval.export_merged=false': "
+                          "GGUF files are made from the merged model; set eval.export_merged=true or eval.export_gguf=[]")
     repo = cfg.eval.push_to_hub.strip()
     if repo and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
         raise ConfigError(f"config key 'eval.push_to_hub': {repo!r} is not a hub repository id like 'your-name/my-adapter'")

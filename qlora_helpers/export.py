@@ -29,6 +29,7 @@ from .artifacts import EVALUATED, evaluated_scores, merged_form, model_card, sco
 from .config import UserError
 from .data import load_tokenizer
 from .evaluate import generate, held_out_prompts, read_generations
+from .gguf_export import check_request, export_and_score
 from .model import load_base_model
 from .runlock import writing
 from .runs import memory_snapshot, read_json, write_json, write_text
@@ -320,6 +321,7 @@ def push_adapter(stage: Stage) -> dict[str, Any] | None:
 def check_before_export(stage: Stage) -> None:
     """What must hold before minutes go into a merge: an adapter to export, and a token if a push was asked for."""
     adapter_dir(stage)
+    check_request(stage)  # eval.export_gguf: the converter, the architecture, the disk
     if stage.cfg.eval.push_to_hub.strip():
         hub_token_for(stage.cfg.eval.push_to_hub.strip())  # a missing token fails now, not after the merge
 
@@ -333,11 +335,12 @@ def finish_export(stage: Stage, merged: dict[str, Any] | None) -> dict[str, Any]
     run_dir, adapter = stage.run_dir, adapter_dir(stage)
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
     check, forms = check_and_score(stage, merged)
+    gguf = export_and_score(stage, merged, check, forms)  # GGUF files and their rows of the forms table
     metrics: dict[str, Any] = {
         "adapter": {"path": "adapter", "bytes": _dir_bytes(adapter), "base_model": adapter_cfg.get("base_model_name_or_path"),
                     "r": adapter_cfg.get("r"), "lora_alpha": adapter_cfg.get("lora_alpha"),
                     "target_modules": _names(adapter_cfg.get("target_modules"))},
-        "merged": merged, "verification": check, "forms": forms, "hub": None,
+        "merged": merged, "verification": check, "forms": forms, "gguf": gguf, "hub": None,
     }
     metrics["memory"] = memory_snapshot()
     with writing(run_dir, "export"):
