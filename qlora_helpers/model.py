@@ -188,9 +188,14 @@ def lora_config(stage: Stage, model):
 
 def attach_lora(stage: Stage, model):
     """``get_peft_model(model, lora_config(stage, model))``: the frozen base wrapped with trainable adapters.
-    Gradient checkpointing, when configured, is turned on by the Trainer (TrainingArguments)."""
+    Gradient checkpointing, when configured, is turned on by the Trainer (TrainingArguments).
+
+    LoRA's A matrices start random (B starts at zero), drawn from torch's global generator: seeded here with
+    train.seed, so the same seed gives the same adapter (the Trainer seeds only later, for dropout and order)."""
+    import torch
     from peft import get_peft_model
 
+    torch.manual_seed(stage.cfg.train.seed)
     return get_peft_model(model, lora_config(stage, model))
 
 
