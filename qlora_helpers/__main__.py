@@ -68,7 +68,7 @@ def add_check_data(sub) -> None:
     def check_data(args) -> int:
         from .config import build_config, parse_overrides
         from .data import check_data, check_data_text, load_tokenizer
-        from .datafiles import check_source
+        from .datasource import check_source
         from .sources import check_sources, resolve_paths
         from .stage import Stage
 
@@ -185,21 +185,24 @@ def close_progress_bars() -> None:
             pass
 
 
+MESSAGE_LIMIT = 2000
+
+
 def one_line(exc: BaseException, command: str) -> tuple[str, int]:
     """What the user reads when a command stops, and its exit status: 2 for a mistake they can fix (a setting,
     a file, the disk), 130 for Ctrl-C, 1 for anything else (a bug: --debug shows where)."""
-    from .config import UserError
+    from .config import UserError, shorten
     from .runs import failed_write
 
     if isinstance(exc, KeyboardInterrupt):
         hint = exc.args[0] if exc.args else "run the same command again to resume" if command == "train" else ""
         return "interrupted (Ctrl-C)" + (f"; {hint} (training carries on from its last checkpoint)" if hint else ""), 130
-    if isinstance(exc, UserError):
-        return str(exc), 1 if type(exc).__name__ == "StageFailed" else 2
+    if isinstance(exc, UserError):  # each message bounds what it echoes; this bounds the line whatever slipped through
+        return shorten(" ".join(str(exc).split("\n")), MESSAGE_LIMIT), 1 if type(exc).__name__ == "StageFailed" else 2
     if failed_write(exc) and not isinstance(exc, OSError):
         return f"a file could not be written ({str(exc).strip().splitlines()[0][:160]}): the disk is probably full", 2
     if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, no permission, a missing file
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{shorten(str(exc.filename), 200)}: " if exc.filename else ""
         return f"{where}{exc.strerror} (errno {exc.errno}); run with --debug for the traceback", 2
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     return f"{type(exc).__name__}: {first} (unexpected: run with --debug for the traceback)", 1

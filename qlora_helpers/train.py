@@ -146,12 +146,14 @@ def resume_checkpoint(stage: Stage) -> str | None:
 def finished_training(stage: Stage, n_train: int, world: int | None = None) -> dict[str, Any] | None:
     """The metrics of a run that has trained all its steps already, reported instead of trained again (the
     Trainer, resumed at its last step, would train one more); None when there is training left to do. A
-    train.max_steps (or train.epochs) below the steps done is a one-line error, not a silent extra step."""
-    from .checkpoints import check_not_past, finished_metrics, newest_complete
+    train.max_steps (or train.epochs) below the steps done is a one-line error, not a silent extra step; above the
+    steps of a run whose learning-rate schedule ended at 0, also one (checkpoints.check_schedule_goes_on)."""
+    from .checkpoints import check_not_past, check_schedule_goes_on, finished_metrics, newest_complete
 
     checkpoint = newest_complete(stage)
     done, total = checkpoint_step(checkpoint), total_steps(stage, n_train, world)
     check_not_past(stage, total, done, checkpoint)
+    check_schedule_goes_on(stage, total, done, checkpoint)
     if done != total:
         return None
     metrics = read_train_metrics(stage.run_dir)
