@@ -67,7 +67,7 @@ def add_check_data(sub) -> None:
     """``check-data PATH``: read, validate, clean and tokenize a data set without training, to trust it first."""
     def check_data(args) -> int:
         from .config import build_config, parse_overrides
-        from .data import check_data, check_data_text, load_tokenizer
+        from .data import check_data, load_tokenizer
         from .datasource import check_source
         from .sources import check_sources, resolve_paths
         from .stage import Stage
@@ -90,6 +90,25 @@ def add_check_data(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=0, help="longest example in tokens (default: data.max_seq_len)")
     _param_option(p, "data.prompt_column=question")
     p.set_defaults(func=check_data)
+
+
+def check_data_text(metrics: dict) -> str:
+    """The ``check-data`` report for a terminal."""
+    lengths = metrics["lengths"]
+    share = lengths["response_token_share"]
+    lines = [f"source: {metrics['source']} ({metrics['format']} format, {metrics['template']} template, "
+             f"end-of-turn token {metrics['end_token']!r} trained on)",
+             f"rows read: {metrics['rows_read']:,}",
+             f"rows kept: {metrics['rows_kept']:,}",
+             f"rows dropped: {metrics['rows_dropped']:,}",
+             *[f"  {reason}: {n:,}" for reason, n in metrics["dropped_by_reason"].items()],
+             f"responses truncated: {metrics['truncated']:,} (data.too_long={metrics['too_long']})",
+             f"rows holding a special token's text (kept, tokenized as text): {metrics['rows_with_special_token_text']:,}",
+             f"tokens per example (max_seq_len {metrics['max_seq_len']}): min {lengths['min']}, "
+             + ", ".join(f"{p} {lengths[p]}" for p in ("p50", "p90", "p95", "p99")) + f", max {lengths['max']}",
+             f"tokens that carry the loss: {share:.1%} response, {1 - share:.1%} prompt "
+             f"({lengths['response_tokens']:,} / {lengths['prompt_tokens']:,})"]
+    return "\n".join(lines)
 
 
 def add_inspect_model(sub) -> None:

@@ -28,6 +28,7 @@ from .datafiles import DataError
 from .datasource import FINGERPRINT, DataChanged, RowProblem, Source, check_source, same_data, to_turns
 from .runlock import writing
 from .runs import atomic_path, file_sha256, read_json, write_json, write_text
+from .sources import model_fingerprint
 from .stage import Stage, training_started
 
 IGNORE_INDEX = -100
@@ -333,7 +334,7 @@ def prepare_data(stage: Stage, tokenizer, source: Source | None = None) -> dict[
     metrics.update(train_examples=len(train), val_examples=len(val),
                    train_lengths=length_stats(train), val_lengths=length_stats(val))
     texts = {name: "".join(json.dumps(e) + "\n" for e in part) for name, part in (("train", train), ("val", val))}
-    record = {"source": source.fingerprint, "split": {
+    record = {"source": source.fingerprint, "model": model_fingerprint(stage.model), "split": {
         "seed": cfg.data.seed, "train_examples": len(train), "val_examples": len(val),
         **{f"{name}_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in texts.items()}}}
     with writing(stage.run_dir, "stage 1 (data)"):
@@ -350,25 +351,6 @@ def check_data(source: Source, cfg: Config, tokenizer) -> dict[str, Any]:
     """What ``check-data`` reports: the cleaning counts and token lengths over every kept row, nothing written."""
     examples, metrics = build_examples(source, cfg, tokenizer)
     return {**metrics, "lengths": length_stats(examples)}
-
-
-def check_data_text(metrics: dict[str, Any]) -> str:
-    """The ``check-data`` report for a terminal."""
-    lengths = metrics["lengths"]
-    share = lengths["response_token_share"]
-    lines = [f"source: {metrics['source']} ({metrics['format']} format, {metrics['template']} template, "
-             f"end-of-turn token {metrics['end_token']!r} trained on)",
-             f"rows read: {metrics['rows_read']:,}",
-             f"rows kept: {metrics['rows_kept']:,}",
-             f"rows dropped: {metrics['rows_dropped']:,}",
-             *[f"  {reason}: {n:,}" for reason, n in metrics["dropped_by_reason"].items()],
-             f"responses truncated: {metrics['truncated']:,} (data.too_long={metrics['too_long']})",
-             f"rows holding a special token's text (kept, tokenized as text): {metrics['rows_with_special_token_text']:,}",
-             f"tokens per example (max_seq_len {metrics['max_seq_len']}): min {lengths['min']}, "
-             + ", ".join(f"{p} {lengths[p]}" for p in ("p50", "p90", "p95", "p99")) + f", max {lengths['max']}",
-             f"tokens that carry the loss: {share:.1%} response, {1 - share:.1%} prompt "
-             f"({lengths['response_tokens']:,} / {lengths['prompt_tokens']:,})"]
-    return "\n".join(lines)
 
 
 def load_split(run_dir: str | Path, name: str) -> list[dict[str, Any]]:

@@ -225,6 +225,33 @@ def model_source(cfg: Config, name: str | None = None) -> ModelSource:
     return ModelSource(name, f"Hugging Face Hub {name}" + (f" @ {cfg.model.revision}" if cfg.model.revision else ""), kwargs)
 
 
+def model_fingerprint(source: ModelSource) -> dict[str, Any]:
+    """What a run records of its base model, to tell in a later session that it is another: where it loads from, and
+    for a folder every file's name and size, the content of its small files (config, tokenizer, template) and each
+    safetensors file's header (names, shapes, dtypes, offsets; the weights themselves are gigabytes); for a hub id,
+    the commit of the snapshot in the hub cache."""
+    import json
+    import struct
+
+    location = Path(source.location)
+    if not location.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "config.json", revision=source.kwargs.get("revision"))
+        return {"location": source.location, "commit": Path(cached).parent.name if isinstance(cached, str) else None}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in location.iterdir() if p.is_file()):
+        size = path.stat().st_size
+        digest.update(json.dumps([path.name, size]).encode())
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors" and size >= 8:
+                (length,) = struct.unpack("<Q", f.read(8))
+                digest.update(f.read(min(length, 100_000_000)))
+            elif size <= 50_000_000 and path.suffix not in (".bin", ".pt", ".pth", ".gguf"):
+                digest.update(f.read())
+    return {"location": str(location), "files_sha256": digest.hexdigest()}
+
+
 # --------------------------------------------------------------------------- data
 def kaggle_input_dataset(source: str, root: Path | None = None) -> Path | None:
     """A Kaggle dataset under /kaggle/input that stands in for the hub dataset ``source``.

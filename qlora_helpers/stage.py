@@ -12,14 +12,14 @@ from typing import Any
 
 from .adopt import continue_attached_run, writable_run_dir
 from .budget import begin_session
-from .config import Config, ConfigError, UserError, config_from_params, same_settings
+from .config import Config, ConfigError, UserError, config_from_params, same_settings, shorten
 from .datasource import check_files_unchanged
 from .hardware import check_machine, choose_compute_dtype, device_of, hardware
 from .runlock import writing
 from .runs import (CONFIG_FILE, check_run_dir, claim_run_dir, default_run_dir, latest_run_dir, link_latest, load_config,
                    read_json, require_run_dir, save_config)
 from .secrets import HOW_TO_PROVIDE, hf_token
-from .sources import ModelSource, check_sources, model_source, resolve_paths
+from .sources import ModelSource, check_sources, model_fingerprint, model_source, resolve_paths
 
 # Keys a later session may change on an existing run directory without making it another run: how long to
 # train (a resumed run trains further) and what evaluation and export do.
@@ -119,13 +119,47 @@ def training_started(run_dir: Path) -> str | None:
     return "adapter/" if (run_dir / "adapter").is_dir() else None
 
 
+def check_apart(cfg: Config, run_dir: Path) -> None:
+    """The run directory and the folders the run reads (data.source, model.name) do not overlap: a run reading its
+    own output as data would train on its tokenized rows, and a run directory inside a data folder would be read
+    as data by the next session."""
+    run_dir = run_dir.resolve()
+    for key in ("data.source", "model.name"):
+        value = cfg.flat()[key]
+        if value == "embedded" or not Path(value).expanduser().exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        if path.is_relative_to(run_dir) or run_dir.is_relative_to(path):
+            where = "inside the run directory" if path.is_relative_to(run_dir) else "a folder holding the run directory"
+            raise UserError(f"config key '{key}': {shorten(str(path), 200)} is {where} {run_dir}; what a run reads "
+                            "and what it writes must be apart: choose another RUN_DIR (--run-dir)")
+
+
 def check_directory(cfg: Config, run_dir: Path) -> None:
     """Everything a run directory must allow before a stage (or the pipeline) writes into it: a folder this tool
-    may write into, the same settings as before, no fewer steps than trained, the same data files."""
+    may write into, apart from what the run reads, the same settings as before, no fewer steps than trained, the
+    same data files."""
     check_run_dir(run_dir)
+    check_apart(cfg, run_dir)
     check_same_run(cfg, run_dir)
     check_steps(cfg, run_dir)
-    check_files_unchanged(cfg, run_dir, training_started(run_dir))
+    started = training_started(run_dir)
+    check_files_unchanged(cfg, run_dir, started)
+    check_model_unchanged(cfg, run_dir, started)
+
+
+def check_model_unchanged(cfg: Config, run_dir: Path, started: str | None) -> None:
+    """A run that has trained goes on from the same base model it started on: another model behind the same
+    model.name (a local folder replaced, a newer version attached on Kaggle, the hub's branch moved on) is refused."""
+    recorded = (read_json(run_dir / "data" / "fingerprint.json", {}) or {}).get("model")
+    if not started or not recorded:
+        return
+    now = model_fingerprint(model_source(cfg))
+    if now != recorded:
+        raise UserError(f"model.name '{shorten(cfg.model.name, 200)}': the base model is not the one this run started on "
+                        f"({shorten(recorded.get('location'), 120)} then, {shorten(now.get('location'), 120)} now, or its "
+                        f"files changed), and run directory {run_dir} has trained on it ({started}); an adapter goes on "
+                        "only on its own base. Point model.name at the model it started on, or start a new run")
 
 
 def training_done(cfg: Config, run_dir: Path) -> bool:
