@@ -188,24 +188,27 @@ def is_marked(path: Path) -> bool:
 
 
 def legacy_problem(path: Path) -> str | None:
-    """Why ``path`` is not a run directory this tool made before it wrote a marker, or None when it is one.
+    """Why ``path`` (a folder that is not empty and holds no marker) is not a run directory this tool made before it
+    wrote a marker, or None when it is one.
 
     Strict, so that no other folder passes: config.json is a whole saved run config (the six sections and the
     profile, nothing else), every entry at the top level is one the stages write, and data/, if there, holds
     stage 1's metrics."""
     entries = sorted(p.name for p in path.iterdir())
+    if MARKER in entries:
+        return f"its {MARKER} is not this tool's marker"
     foreign = [n for n in entries if n not in LEGACY_LAYOUT and not (n.startswith(".") and ".tmp" in n)]
     if foreign:
-        return f"{_names(foreign)} is not what a run writes"
+        return f"it holds {_names(foreign)}, which no run writes, and no {MARKER}"
     config = path / CONFIG_FILE
     if not config.is_file():
-        return f"it has no {CONFIG_FILE}"
+        return f"it holds {_names(entries)} but no {MARKER} and no {CONFIG_FILE}"
     try:
         raw = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return f"its {CONFIG_FILE} is not JSON"
+        raw = None
     if not (isinstance(raw, dict) and set(raw) == {"profile", *SECTIONS} and all(isinstance(raw[s], dict) for s in SECTIONS)):
-        return f"its {CONFIG_FILE} is not a run's saved settings but another program's"
+        return f"it holds no {MARKER}, and its {CONFIG_FILE} is another program's, not a run's saved settings"
     if (path / "data").exists():
         metrics = path / "data" / "metrics.json"
         try:
@@ -213,7 +216,7 @@ def legacy_problem(path: Path) -> str | None:
         except (OSError, ValueError, TypeError):
             ok = False
         if not ok:
-            return "its data/ holds no stage 1 metrics (data/metrics.json)"
+            return f"it holds no {MARKER}, and its data/ holds no stage 1 metrics (data/metrics.json)"
     return None
 
 
@@ -240,9 +243,7 @@ def run_dir_problem(path: Path) -> str | None:
     try:
         if is_marked(path) or not any(path.iterdir()):
             return None
-        why = legacy_problem(path)
-        return why and (f"it holds {_names(sorted(p.name for p in path.iterdir()))} but no {MARKER}, so this tool did not "
-                        f"make it ({why})")
+        return legacy_problem(path)
     except OSError as exc:
         return f"it cannot be read ({exc.strerror or exc})"
 
