@@ -128,7 +128,7 @@ class EvalConfig(_Section):
 
 SECTIONS = ("data", "model", "quant", "lora", "train", "eval")
 # Keys whose value names a file or folder on this machine (or a hub id): resolved against the caller's
-# working directory before a run starts (see qlora_helpers.paths).
+# working directory before a run starts (sources.resolve_paths).
 PATH_KEYS = ("data.source", "model.name")
 
 
