@@ -166,8 +166,11 @@ def finished_training(stage: Stage, n_train: int, world: int | None = None) -> d
             "stopped_by_time_budget": False, "examples_seen": examples, "epochs": round(examples / max(1, n_train), 4),
             **whole_run_numbers(stage.run_dir), "tokens_per_s": None, "packing": t.packing,
             "optim": resolve_optim(t.optim, stage.hw["device"]), "compute_dtype": stage.compute_dtype})
+    further = ("to train longer, start a new run with more steps (its learning-rate schedule has ended)"
+               if stage.cfg.train.lr_scheduler in ("cosine", "linear") else
+               "raise train.max_steps or train.epochs to train further")
     print(f"[qlora] {stage.run_dir} has trained all {total} steps already (train/metrics.json): reported, not "
-          "trained again; raise train.max_steps or train.epochs to train further")
+          f"trained again; {further}")
     return metrics
 
 
