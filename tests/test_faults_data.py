@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_helpers import Stage, UserError, build_config, start_stage
+from qlora_helpers import UserError, build_config, start_stage
 from qlora_helpers.config import ConfigError
 from qlora_helpers.data import Formatter, keep_pad_off_end_token, load_split, prepare_data
 from qlora_helpers.datafiles import DataError

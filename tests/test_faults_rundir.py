@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from qlora_helpers import build_config, start_stage
-from qlora_helpers.runs import MARKER, NotARunDir, REPO_ROOT, claim_run_dir, is_marked, save_config
+from qlora_helpers.runs import MARKER, NotARunDir, REPO_ROOT, is_marked, save_config
 
 from conftest import REPO, run_cli
 from test_faults_cli import one_error_line, tree
