@@ -155,7 +155,7 @@ def _greedy_with_logits(model, tokenizer, prompts: list[str], stage: Stage, stop
     own, or ``teacher``'s answers fed in, so that two models are compared on the same tokens."""
     ev = stage.cfg.eval
     answers, _ = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, stop_ids)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[:LOGIT_PROMPTS]]
+    prompt_ids = prompts[:LOGIT_PROMPTS]
     logits = [answer_logits(model, p, a["token_ids"]) for p, a in zip(prompt_ids, teacher or answers)]
     return answers, prompt_ids, logits
 
@@ -193,7 +193,7 @@ def _check(stage: Stage, dtype: str, tokenizer, prompts: list[str], stop_ids: li
     model = load_unquantized(stage, dtype, path=str(stage.path(str(MERGED_DIR))))
     answers, _, logits = _greedy_with_logits(model, tokenizer, prompts, stage, stop_ids, teacher=ref_answers)
     error, effect = _max_abs_diff(logits, ref_logits), _max_abs_diff(ref_logits, base_logits)
-    differing = {i: _divergence(model, tokenizer(prompts[i], add_special_tokens=False)["input_ids"],
+    differing = {i: _divergence(model, prompts[i],
                                 ref_answers[i]["token_ids"], m["token_ids"])
                  for i, m in enumerate(answers) if m["token_ids"] != ref_answers[i]["token_ids"]}
     del model

@@ -318,7 +318,7 @@ def export_and_score(stage, merged: dict[str, Any] | None, check: dict[str, Any]
     ``forms["scores"]`` as ``gguf-<type>``; returns what export/metrics.json keeps as ``gguf`` (None when nothing
     is asked). Nothing is made from a merged model that failed its check."""
     from .data import Formatter, load_tokenizer
-    from .evaluate import held_out_prompts, read_generations
+    from .evaluate import held_out_prompts, held_out_texts, read_generations
     from .gguf_runtime import runtime_name, score_files
 
     if not stage.cfg.eval.export_gguf or not merged:
@@ -335,11 +335,12 @@ def export_and_score(stage, merged: dict[str, Any] | None, check: dict[str, Any]
         print(f"warning: no GGUF files: {exc}", file=sys.stderr)
         return {"types": stage.cfg.eval.export_gguf, "files": [], "error": str(exc)}
     made = time.time() - t0
-    examples, prompts, stop_ids = held_out_prompts(stage, tokenizer)
+    examples, prompt_ids, stop_ids = held_out_prompts(stage, tokenizer)
     gens = read_generations(stage.run_dir)
-    evaluated = [g["finetuned"] for g in gens] if len(gens) == len(prompts) else None
+    evaluated = [g["finetuned"] for g in gens] if len(gens) == len(prompt_ids) else None
     version = llama_cpp_version()
-    scores = score_files(stage, files, version, tokenizer, examples, prompts, stop_ids, evaluated)
+    scores = score_files(stage, files, version, tokenizer, examples, held_out_texts(stage, tokenizer, examples),
+                         prompt_ids, stop_ids, evaluated)
     forms["scores"].update(scores)
     return {"types": stage.cfg.eval.export_gguf, "name": model_name(stage), "folder": str(GGUF_DIR), **plan,
             "converter": _converter_version(), "runtime": runtime_name(version), "files": files,

@@ -80,21 +80,20 @@ def transformers_answers(path: Path, prompts: list[str], prompt_ids: list[list[i
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype))
     model.to(stage.device).eval()
     ev = stage.cfg.eval
-    answers, _ = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, stop_ids)
+    answers, _ = generate(model, tokenizer, prompt_ids, ev.max_new_tokens, ev.batch_size, stop_ids)
     del model
     gc.collect()
     return answers, None
 
 
 def score_files(stage, files: list[dict[str, Any]], llama_cpp_version: str | None, tokenizer, examples: list[dict],
-                prompts: list[str], stop_ids: list[int], evaluated: list[str] | None) -> dict[str, dict[str, Any]]:
+                prompts: list[str], prompt_ids: list[list[int]], stop_ids: list[int], evaluated: list[str] | None) -> dict[str, dict[str, Any]]:
     """Each file's row of the forms table (``gguf-<type>``): qlora_helpers.artifacts.score_form's numbers, the
     runtime that answered, and how many prompts the file's own tokenizer turns into training's tokens."""
     from .artifacts import score_form
     from .gguf_export import FORM_PREFIX
 
     runtime = runtime_name(llama_cpp_version)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     dtype = "float32" if stage.hw["device"] == "cpu" else stage.cfg.eval.export_dtype
     scores = {}
     for f in files:
