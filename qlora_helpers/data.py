@@ -390,6 +390,20 @@ def load_tokenizer(stage: Stage):
     return tok
 
 
+def lengths_table(metrics: dict[str, Any]):
+    """data/metrics.json's token lengths of the two splits as a table for notebook 01: counts as whole numbers, the
+    mean to one decimal, the response's share of the tokens as a percentage."""
+    import pandas as pd
+
+    def shown(key: str, value) -> str:
+        if key.endswith("share"):
+            return f"{value:.1%}"
+        return f"{value:,.1f}" if key == "mean" else f"{int(value):,}"
+
+    return pd.DataFrame({label: {k: shown(k, v) for k, v in metrics[f"{split}_lengths"].items()}
+                         for split, label in (("train", "train"), ("val", "validation"))})
+
+
 def plot_lengths(run_dir: str | Path) -> dict[str, str]:
     """Histogram of training example lengths in tokens (to choose data.max_seq_len): PNG and interactive HTML."""
     import plotly.graph_objects as go
