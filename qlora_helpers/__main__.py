@@ -67,8 +67,8 @@ def add_check_data(sub) -> None:
     """``check-data PATH``: read, validate, clean and tokenize a data set without training, to trust it first."""
     def check_data(args) -> int:
         from .config import build_config, parse_overrides
-        from .data import check_data, check_data_text, load_tokenizer
-        from .datafiles import check_source
+        from .data import check_data, load_tokenizer
+        from .datasource import check_source
         from .sources import check_sources, resolve_paths
         from .stage import Stage
 
@@ -90,6 +90,25 @@ def add_check_data(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=0, help="longest example in tokens (default: data.max_seq_len)")
     _param_option(p, "data.prompt_column=question")
     p.set_defaults(func=check_data)
+
+
+def check_data_text(metrics: dict) -> str:
+    """The ``check-data`` report for a terminal."""
+    lengths = metrics["lengths"]
+    share = lengths["response_token_share"]
+    lines = [f"source: {metrics['source']} ({metrics['format']} format, {metrics['template']} template, "
+             f"end-of-turn token {metrics['end_token']!r} trained on)",
+             f"rows read: {metrics['rows_read']:,}",
+             f"rows kept: {metrics['rows_kept']:,}",
+             f"rows dropped: {metrics['rows_dropped']:,}",
+             *[f"  {reason}: {n:,}" for reason, n in metrics["dropped_by_reason"].items()],
+             f"responses truncated: {metrics['truncated']:,} (data.too_long={metrics['too_long']})",
+             f"rows holding a special token's text (kept, tokenized as text): {metrics['rows_with_special_token_text']:,}",
+             f"tokens per example (max_seq_len {metrics['max_seq_len']}): min {lengths['min']}, "
+             + ", ".join(f"{p} {lengths[p]}" for p in ("p50", "p90", "p95", "p99")) + f", max {lengths['max']}",
+             f"tokens that carry the loss: {share:.1%} response, {1 - share:.1%} prompt "
+             f"({lengths['response_tokens']:,} / {lengths['prompt_tokens']:,})"]
+    return "\n".join(lines)
 
 
 def add_inspect_model(sub) -> None:
@@ -193,21 +212,24 @@ def close_progress_bars() -> None:
             pass
 
 
+MESSAGE_LIMIT = 2000
+
+
 def one_line(exc: BaseException, command: str) -> tuple[str, int]:
     """What the user reads when a command stops, and its exit status: 2 for a mistake they can fix (a setting,
     a file, the disk), 130 for Ctrl-C, 1 for anything else (a bug: --debug shows where)."""
-    from .config import UserError
+    from .config import UserError, shorten
     from .runs import failed_write
 
     if isinstance(exc, KeyboardInterrupt):
         hint = exc.args[0] if exc.args else "run the same command again to resume" if command == "train" else ""
         return "interrupted (Ctrl-C)" + (f"; {hint} (training carries on from its last checkpoint)" if hint else ""), 130
-    if isinstance(exc, UserError):
-        return str(exc), 1 if type(exc).__name__ == "StageFailed" else 2
+    if isinstance(exc, UserError):  # each message bounds what it echoes; this bounds the line whatever slipped through
+        return shorten(" ".join(str(exc).split("\n")), MESSAGE_LIMIT), 1 if type(exc).__name__ == "StageFailed" else 2
     if failed_write(exc) and not isinstance(exc, OSError):
         return f"a file could not be written ({str(exc).strip().splitlines()[0][:160]}): the disk is probably full", 2
     if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, no permission, a missing file
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{shorten(str(exc.filename), 200)}: " if exc.filename else ""
         return f"{where}{exc.strerror} (errno {exc.errno}); run with --debug for the traceback", 2
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     return f"{type(exc).__name__}: {first} (unexpected: run with --debug for the traceback)", 1

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .config import UserError
 from .places import kaggle_input, on_kaggle
-from .runs import CONFIG_FILE, runs_root
+from .runs import CONFIG_FILE, MARKER, check_run_dir, is_marked, legacy_problem, runs_root
 
-# /kaggle/input/<slug>/runs/<run> or /kaggle/input/notebooks/<owner>/<slug>/runs/<run>: a run's config.json
+# /kaggle/input/<slug>/runs/<run> or /kaggle/input/notebooks/<owner>/<slug>/runs/<run>: a run's marker
 # sits 4 or 6 levels down; deeper is not searched (an attached data set can hold many folders).
 SEARCH_DEPTH = 6
 NOT_COPIED = ("export/merged",)
@@ -30,15 +30,23 @@ def is_inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def is_run(folder: Path) -> bool:
+    """A run directory this tool made: its marker, or (made before the marker existed) its config.json and layout."""
+    try:
+        return is_marked(folder) or ((folder / CONFIG_FILE).is_file() and legacy_problem(folder) is None)
+    except OSError:
+        return False
+
+
 def attached_runs(root: Path | None = None) -> list[Path]:
-    """Run directories under /kaggle/input (a folder holding config.json inside a folder named runs), the
+    """Run directories under /kaggle/input (a run directory this tool made, inside a folder named runs), the
     newest first: run names begin with the time they were made."""
     root = root or kaggle_input()
     found = []
     if root.is_dir():
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
-            if CONFIG_FILE in filenames and here.parent.name == "runs" and here.name != "latest":
+            if here.parent.name == "runs" and here.name != "latest" and is_run(here):
                 found.append(here)
                 dirnames.clear()
             elif len(here.relative_to(root).parts) >= SEARCH_DEPTH:
@@ -60,8 +68,9 @@ def copy_run(source: Path, runs: Path | None = None) -> Path:
     under the same name; an existing copy (made earlier in this session) is used as it is."""
     runs = runs or runs_root()
     target = runs / source.name
-    if (target / CONFIG_FILE).exists():
-        return target
+    if is_run(target):
+        return target  # copied earlier in this session
+    check_run_dir(target)  # something else of that name is refused, never written over
     tmp = runs / f".{source.name}.copy-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -85,9 +94,10 @@ def copy_run(source: Path, runs: Path | None = None) -> Path:
 def writable_run_dir(path: Path) -> Path:
     """RUN_DIR as a stage can use it: a run directory under /kaggle/input is copied to runs/ first."""
     if is_inside(path, kaggle_input()):
-        if not (path / CONFIG_FILE).is_file():
-            raise UserError(f"RUN_DIR {path}: no {CONFIG_FILE} there, so it is no run directory; on Kaggle an earlier "
-                            "run is at /kaggle/input/.../runs/<time> once its kernel's output is attached")
+        if not is_run(path):
+            raise UserError(f"RUN_DIR {path}: no {MARKER} (or, from an older version, {CONFIG_FILE}) there, so it is no "
+                            "run directory; on Kaggle an earlier run is at /kaggle/input/.../runs/<time> once its "
+                            "kernel's output is attached")
         return copy_run(path)
     return path
 

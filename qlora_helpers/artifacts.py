@@ -9,6 +9,8 @@ adapter next to different base weights, so they need not answer alike:
 * ``merged-original``: the adapter merged into the exact 16-bit base weights, which it never saw.
 * ``merged-dequantized``: the adapter merged into the dequantized NF4 weights, the weights it was trained
   against, saved in 16-bit. ``eval.merge_into`` picks which merged form is exported (default this one).
+* ``gguf-<type>``: the exported merged model converted to GGUF (``eval.export_gguf``), answered by llama.cpp or
+  transformers' GGUF loader (qlora_helpers.gguf_export); each row says which.
 
 The export stage scores every form on the held-out prompts with the evaluation's decoding and token budget,
 and counts how many answers are exactly the evaluated model's. This module names the forms, scores them
@@ -16,6 +18,7 @@ and writes the merged model's card; qlora_helpers.export does the loading and me
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .evaluate import score
@@ -59,10 +62,12 @@ def forms_rows(forms: dict[str, dict[str, Any]], shipped: str, prompts: int) -> 
     """One row per form, the evaluated one first: what notebook 04, report.md and the model card show."""
     pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
     rows = []
-    for form, what in FORMS.items():
+    # The forms above, then any other (the GGUF files, qlora_helpers.gguf_export), which say what they are.
+    for form in list(FORMS) + [f for f in forms if f not in FORMS]:
         s = forms.get(form)
         if s is None:
             continue
+        what = FORMS.get(form) or s.get("what", form)
         same = s.get("same_answer_as_evaluated")
         rows.append({"form": form + (" (shipped)" if form == shipped else ""), "what it is": what,
                      "exact match": pct(s.get("exact_match")), "ROUGE-L": s.get("rouge_l"),
@@ -117,4 +122,20 @@ def model_card(export_metrics: dict[str, Any], base_model: str, hub_id: str | No
         "The merge check: " + (logit_check_sentence(check) + "." if check else "not run."), "",
         "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", dtype="auto")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", ""])
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", "", *_gguf_card_section(export_metrics)])
+
+
+def _gguf_card_section(export_metrics: dict[str, Any]) -> list[str]:
+    """Where the GGUF files are and the command that runs each (their scores are rows of the table above)."""
+    files = (export_metrics.get("gguf") or {}).get("files") or []
+    if not files:
+        return []
+    lines = ["## GGUF (llama.cpp, Ollama, LM Studio)", "",
+             "The same model converted by llama.cpp's converter, in `../gguf/` (rows `gguf-<type>` above). Each file "
+             "carries the chat template and end-of-turn token training used; Ollama reads its own template from the "
+             "Modelfile beside it.", "", "```sh"]
+    for f in files:
+        name, modelfile = Path(f["path"]).name, Path(f["modelfile"]).name
+        lines += [f"llama-cli -m ../gguf/{name} -cnv",
+                  f"ollama create {f['ollama_model']} -f ../gguf/{modelfile} && ollama run {f['ollama_model']}"]
+    return lines + ["```", ""]

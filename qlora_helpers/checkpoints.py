@@ -128,6 +128,37 @@ def check_not_past(stage: Stage, total: int, done: int | None, checkpoint: Path 
                         "train further, or use a new RUN_DIR")
 
 
+def resumed_learning_rate(checkpoint: Path) -> float | None:
+    """The learning rate of the first step after resuming from ``checkpoint``: the Trainer takes it from the
+    optimizer state, which the scheduler set at the checkpoint's step (scheduler.pt's last value). None when it
+    cannot be read."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True)
+        return float(max(state["_last_lr"]))
+    except Exception:  # noqa: BLE001 - checked complete already; an unreadable value is not a reason to stop
+        return None
+
+
+def check_schedule_goes_on(stage: Stage, total: int, done: int | None, checkpoint: Path | None) -> None:
+    """A run that trained to the end of a decaying schedule (cosine, linear) ends at a learning rate of 0. Made
+    longer, the Trainer would take its next step at that 0 and the steps after it on a schedule stretched after
+    the fact; refused instead, saying how to train longer. A schedule that has not ended, or a constant one, goes
+    on: the Trainer rebuilds it for the new length (docs/runs.md)."""
+    if checkpoint is None or not done or done >= total:
+        return
+    lr = resumed_learning_rate(checkpoint)
+    if lr is None or lr > 0:
+        return
+    key = "train.max_steps" if stage.cfg.train.max_steps else "train.epochs"
+    value = stage.cfg.train.max_steps or stage.cfg.train.epochs
+    raise UserError(f"{key}={value} means {total} steps, but run directory {stage.run_dir} finished its "
+                    f"{stage.cfg.train.lr_scheduler} learning-rate schedule at step {done} with a learning rate of 0 "
+                    f"({checkpoint.name}); trained further, it would take its next step at a learning rate of 0. To "
+                    f"train longer, start a new run with {key}={value} (another RUN_DIR), or keep {key} as it was")
+
+
 def adapter_from_checkpoint(stage: Stage, checkpoint: Path) -> None:
     """RUN_DIR/adapter from a checkpoint folder (what trainer.save_model writes, without the optimizer state),
     swapped in whole: a kill leaves the old adapter or the new one."""

@@ -15,7 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_PROFILE = "embedded"
@@ -27,6 +28,19 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration mistake, naming the key."""
+
+
+ECHO_LIMIT = 80  # characters of a user's value an error message repeats
+
+
+def shorten(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``value`` as an error message may echo it: its repr (a string as text), cut to ``limit`` characters with the
+    full length said. A value that is a container is described, never expanded (a few hundred bytes of YAML can
+    hold a structure whose repr is gigabytes)."""
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class _Section(BaseModel):
@@ -111,11 +125,31 @@ class EvalConfig(_Section):
     # (scores what evaluation measured); "original" = the exact 16-bit base weights (it never saw them)
     merge_into: Literal["dequantized", "original"] = "dequantized"
     push_to_hub: str = ""             # hub repo "owner/name" to push the adapter to ("" = no push; token: HF_TOKEN)
+    # GGUF files of the merged model for llama.cpp and Ollama, e.g. [f16, q8_0, q4_k_m] or "f16,q8_0" ([] = none):
+    # RUN_DIR/export/gguf/<name>-<type>.gguf, each scored on the held-out prompts (qlora_helpers.gguf_export)
+    export_gguf: list[str] = Field(default_factory=list)
+
+    @field_validator("export_gguf", mode="before")
+    @classmethod
+    def _gguf_types(cls, value: Any) -> Any:
+        """A comma-separated string or a list, each a GGUF type this project makes (qlora_helpers.gguf_export)."""
+        from .gguf_export import GGUF_TYPES
+
+        if isinstance(value, str):
+            value = [] if value.strip() in ("", "[]") else value.strip().strip("[]").split(",")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return value  # pydantic refuses it as not a list of text
+        types = list(dict.fromkeys(v.strip().strip("'\"").lower() for v in value if v.strip()))
+        unknown = [t for t in types if t not in GGUF_TYPES]
+        if unknown:
+            raise PydanticCustomError("gguf_type", "{got} is not a GGUF type this project makes ({known})",
+                                      {"got": repr(unknown[0]), "known": ", ".join(GGUF_TYPES)})
+        return types
 
 
 SECTIONS = ("data", "model", "quant", "lora", "train", "eval")
 # Keys whose value names a file or folder on this machine (or a hub id): resolved against the caller's
-# working directory before a run starts (see qlora_helpers.paths).
+# working directory before a run starts (qlora_helpers.sources.resolve_paths).
 PATH_KEYS = ("data.source", "model.name")
 
 
@@ -161,13 +195,36 @@ def recipe_path(profile: str) -> Path:
     if profile.endswith((".yaml", ".yml")) or "/" in profile or "\\" in profile:
         path = Path(profile).expanduser()
         if not path.is_file():
-            raise ConfigError(f"recipe file '{profile}': no such file")
+            what = "not a regular file" if path.exists() else "no such file"
+            raise ConfigError(f"recipe file '{shorten(profile, 200)}': {what}")
         return path
     path = RECIPE_DIR / f"{profile}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown profile '{profile}' (profiles: {', '.join(profile_names())}; "
+        raise ConfigError(f"unknown profile '{shorten(profile)}' (profiles: {', '.join(profile_names())}; "
                           "or give the path of your own recipe .yaml)")
     return path
+
+
+RECIPE_MAX_BYTES = 1_000_000  # a recipe is a few dozen lines
+
+
+def _recipe_loader(path: Path):
+    """yaml's SafeLoader, refusing an alias (``*name``) of a list or mapping: every recipe key holds one value, and
+    aliases nested in aliases make a few hundred bytes stand for a structure of billions of items."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                node = self.anchors.get(event.anchor)
+                if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+                    raise ConfigError(f"{path}: line {event.start_mark.line + 1}: the alias *{shorten(event.anchor, 40)} "
+                                      "stands for a list or mapping; recipe values are single values (to build on "
+                                      "another recipe, use base:)")
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
 
 
 def read_recipe(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -176,26 +233,34 @@ def read_recipe(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
     path = recipe_path(profile)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with open(path, "rb") as f:
+            data = f.read(RECIPE_MAX_BYTES + 1)
+        if len(data) > RECIPE_MAX_BYTES:
+            raise ConfigError(f"{path}: larger than {RECIPE_MAX_BYTES:,} bytes; a recipe is a few dozen lines")
+        raw = yaml.load(data.decode("utf-8"), Loader=_recipe_loader(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        raise ConfigError(f"{path}:{where} not valid YAML ({shorten(getattr(exc, 'problem', None) or exc, 200)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a recipe (sections of key: value lines)") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+        raise ConfigError(f"{path}: cannot be read ({shorten(str(exc), 200)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (data:, model:, lora:, ...), got {type(raw).__name__}")
     flat: dict[str, Any] = {}
     base = raw.pop("base", None)
     if base is not None:
-        if str(base) in _seen:
-            raise ConfigError(f"{path}: 'base: {base}' makes a loop of recipes")
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base:' names a profile or a recipe file, got {shorten(base)}")
+        if base in _seen:
+            raise ConfigError(f"{path}: 'base: {shorten(base)}' makes a loop of recipes")
         flat.update(read_recipe(str(base), _seen + (profile,)))
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section '{section}' (sections: base, {', '.join(SECTIONS)})")
+            raise ConfigError(f"{path}: unknown section '{shorten(section, 40)}' (sections: base, {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section '{section}' must hold key: value lines, got {values!r}")
+            raise ConfigError(f"{path}: section '{section}' must hold key: value lines, got {shorten(values)}")
         for key, value in values.items():
             flat[f"{section}.{key}"] = (value, path)
     return {k: v for k, v in flat.items()}
@@ -207,7 +272,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value, e.g. lora.r=16")
+            raise ConfigError(f"override '{shorten(item)}': expected key=value, e.g. lora.r=16")
         key, value = item.split("=", 1)
         out[key.strip()] = value
     return out
@@ -220,31 +285,35 @@ _BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "les
 def _explain(error: dict[str, Any], annotation: Any) -> str:
     """pydantic's error for one key, in the words this project's messages use."""
     kind, value = error["type"], error.get("input")
+    shown = repr(shorten(value)) if isinstance(value, str) else shorten(value)
     if kind == "literal_error":
-        return f"{value!r} is not one of {', '.join(map(str, typing.get_args(annotation)))}"
+        return f"{shown} is not one of {', '.join(map(str, typing.get_args(annotation)))}"
     if kind in _BOUNDS:
         op, name = _BOUNDS[kind]
-        return f"must be {op} {error['ctx'][name]}, got {value!r}"
+        return f"must be {op} {error['ctx'][name]}, got {shown}"
     if kind == "finite_number":
-        return f"must be a finite number, got {value!r}"
+        return f"must be a finite number, got {shown}"
+    if kind == "gguf_type":
+        return error["msg"]
     if kind in ("string_too_short", "string_pattern_mismatch"):
         return "must not be empty or blank"
     names = {"int": "int", "bool": "bool (true/false)", "float": "float", "string": "text"}
     stem = kind.split("_")[0]
     if stem in names:
-        return f"expected {names[stem]}, got {value!r}"
-    return f"{error['msg']} (got {value!r})"
+        return f"expected {names[stem]}, got {shown}"
+    return f"{error['msg']} (got {shown})"
 
 
 def set_value(cfg: Config, full_key: str, value: Any, origin: Path | str | None = None) -> None:
     """Set one dotted key, checking that it exists and that the value has the right type and range."""
     where = f" in {origin}" if origin else ""
+    full_key = str(full_key)
     if full_key == "profile":
         raise ConfigError(f"config key 'profile'{where}: choose the profile with --profile / PROFILE, not an override")
     section, _, key = full_key.partition(".")
     if section not in SECTIONS or key not in type(getattr(cfg, section)).model_fields:
         known = ", ".join(k for k in Config().flat() if k != "profile")
-        raise ConfigError(f"unknown config key '{full_key}'{where} (known keys: {known})")
+        raise ConfigError(f"unknown config key '{shorten(full_key, 60)}'{where} (known keys: {known})")
     owner = getattr(cfg, section)
     if isinstance(value, str) and type(owner).model_fields[key].annotation is not str:
         value = value.strip()
@@ -277,9 +346,13 @@ def validate(cfg: Config) -> Config:
     if t.packing_row_tokens and not t.packing:
         raise ConfigError("config keys 'train.packing_row_tokens' and 'train.packing=false': rows are a way of packing; "
                           "set train.packing=true or train.packing_row_tokens=0")
+    if cfg.data.system_prompt.strip() and cfg.data.template == "alpaca":
+        raise ConfigError("config keys 'data.system_prompt' and 'data.template=alpaca': the Alpaca prompt has no place "
+                          "for a system message, so it would be dropped; use data.template=chat or leave "
+                          "data.system_prompt empty")
     if cfg.data.prompt_column == cfg.data.response_column:
         raise ConfigError(f"config keys 'data.prompt_column' and 'data.response_column': both are "
-                          f"{cfg.data.prompt_column!r}; the prompt and the response must be different columns")
+                          f"{shorten(cfg.data.prompt_column)!r}; the prompt and the response must be different columns")
     if t.save_steps % t.eval_steps:
         raise ConfigError(f"config keys 'train.save_steps'={t.save_steps} and 'train.eval_steps'={t.eval_steps}: "
                           "save_steps must be a multiple of eval_steps (the best checkpoint is chosen by validation loss)")
@@ -292,11 +365,14 @@ def validate(cfg: Config) -> Config:
 
         known = sorted(o.value for o in OptimizerNames)
         if t.optim not in known:
-            raise ConfigError(f"config key 'train.optim': {t.optim!r} is not an optimizer transformers knows "
+            raise ConfigError(f"config key 'train.optim': {shorten(t.optim)!r} is not an optimizer transformers knows "
                               f"(auto, {', '.join(known)})")
+    if cfg.eval.export_gguf and not cfg.eval.export_merged:
+        raise ConfigError(f"config keys 'eval.export_gguf'={','.join(cfg.eval.export_gguf)} and 'eval.export_merged=false': "
+                          "GGUF files are made from the merged model; set eval.export_merged=true or eval.export_gguf=[]")
     repo = cfg.eval.push_to_hub.strip()
     if repo and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
-        raise ConfigError(f"config key 'eval.push_to_hub': {repo!r} is not a hub repository id like 'your-name/my-adapter'")
+        raise ConfigError(f"config key 'eval.push_to_hub': {shorten(repo)!r} is not a hub repository id like 'your-name/my-adapter'")
     return cfg
 
 

@@ -49,33 +49,34 @@ def validation_loss(stage: Stage, model, tokenizer, examples: list[dict[str, Any
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, stop_ids: list[int]):
-    """Greedy answers; for each, whether it ended with an end-of-turn token within the budget, and the
-    generated token ids (up to and including that token) so two models' answers can be compared exactly."""
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, stop_ids: list[int]):
+    """Greedy answers to prompts given as token ids (a person's text in them tokenized as text, as in training);
+    for each, whether it ended with an end-of-turn token within the budget, and the generated token ids (up to and
+    including that token) so two models' answers can be compared exactly. Batches are padded on the left."""
     import torch
 
     device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id
     results, new_tokens, seconds = [], 0, 0.0
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                # use_cache: the shared loader turns the KV cache off for training; generation wants it.
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                                     pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            seconds += time.perf_counter() - t0
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                stop_at = next((k for k, t in enumerate(row) if t in stop_ids), None)
-                # Rows that stopped early are padded after the stop token; rows that did not stop are never padded.
-                token_ids = row[: stop_at + 1] if stop_at is not None else row
-                kept = token_ids[:-1] if stop_at is not None else token_ids
-                new_tokens += len(token_ids)
-                results.append({"answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                "stopped": stop_at is not None, "new_tokens": len(kept), "token_ids": token_ids})
-    finally:
-        tokenizer.padding_side = padding_side
+    for i in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[i: i + batch_size]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            # use_cache: the shared loader turns the KV cache off for training; generation wants it.
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stop_ids, pad_token_id=pad, use_cache=True)
+        seconds += time.perf_counter() - t0
+        for row in out[:, width:].tolist():
+            stop_at = next((k for k, t in enumerate(row) if t in stop_ids), None)
+            # Rows that stopped early are padded after the stop token; rows that did not stop are never padded.
+            token_ids = row[: stop_at + 1] if stop_at is not None else row
+            kept = token_ids[:-1] if stop_at is not None else token_ids
+            new_tokens += len(token_ids)
+            results.append({"answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                            "stopped": stop_at is not None, "new_tokens": len(kept), "token_ids": token_ids})
     return results, {"new_tokens": new_tokens, "seconds": round(seconds, 2),
                      "tokens_per_s": round(new_tokens / seconds, 2) if seconds else None}
 
@@ -120,14 +121,21 @@ def score(answers: list[dict], examples: list[dict], checkable: bool) -> dict[st
     return out
 
 
-def held_out_prompts(stage: Stage, tokenizer) -> tuple[list[dict], list[str], list[int]]:
-    """The fixed held-out prompts (the first eval.num_prompts validation examples), formatted exactly as
-    in training, and the token ids that end a turn. Evaluation and the export check both use these."""
+def held_out_prompts(stage: Stage, tokenizer) -> tuple[list[dict], list[list[int]], list[int]]:
+    """The fixed held-out prompts (the first eval.num_prompts validation examples) as token ids, formatted and
+    tokenized exactly as in training (a person's text as text, never as control tokens), and the token ids that
+    end a turn. Evaluation, the playground, the export's checks and every form's scores use these."""
     cfg = stage.cfg
     examples = load_split(stage.run_dir, "val")[: cfg.eval.num_prompts]
     formatter = Formatter(tokenizer, cfg.data.template, cfg.data.system_prompt)
-    prompts = [formatter.prompt_text(json.loads(e["prompt_messages"]), e["alpaca_key"]) for e in examples]
+    prompts = [formatter.prompt_ids(json.loads(e["prompt_messages"]), e["alpaca_key"]) for e in examples]
     return examples, prompts, sorted({formatter.end_token_id, tokenizer.eos_token_id} - {None})
+
+
+def held_out_texts(stage: Stage, tokenizer, examples: list[dict]) -> list[str]:
+    """The same prompts as text, as a person types them into another runtime (llama.cpp tokenizes them itself)."""
+    formatter = Formatter(tokenizer, stage.cfg.data.template, stage.cfg.data.system_prompt)
+    return [formatter.prompt_text(json.loads(e["prompt_messages"]), e["alpaca_key"]) for e in examples]
 
 
 def evaluate_run(stage: Stage, model, tokenizer) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from .artifacts import EVALUATED, evaluated_scores, merged_form, model_card, sco
 from .config import UserError
 from .data import load_tokenizer
 from .evaluate import generate, held_out_prompts, read_generations
+from .gguf_export import check_request, export_and_score
 from .model import load_base_model
 from .runlock import writing
 from .runs import memory_snapshot, read_json, write_json, write_text
@@ -154,7 +155,7 @@ def _greedy_with_logits(model, tokenizer, prompts: list[str], stage: Stage, stop
     own, or ``teacher``'s answers fed in, so that two models are compared on the same tokens."""
     ev = stage.cfg.eval
     answers, _ = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, stop_ids)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[:LOGIT_PROMPTS]]
+    prompt_ids = prompts[:LOGIT_PROMPTS]
     logits = [answer_logits(model, p, a["token_ids"]) for p, a in zip(prompt_ids, teacher or answers)]
     return answers, prompt_ids, logits
 
@@ -192,7 +193,7 @@ def _check(stage: Stage, dtype: str, tokenizer, prompts: list[str], stop_ids: li
     model = load_unquantized(stage, dtype, path=str(stage.path(str(MERGED_DIR))))
     answers, _, logits = _greedy_with_logits(model, tokenizer, prompts, stage, stop_ids, teacher=ref_answers)
     error, effect = _max_abs_diff(logits, ref_logits), _max_abs_diff(ref_logits, base_logits)
-    differing = {i: _divergence(model, tokenizer(prompts[i], add_special_tokens=False)["input_ids"],
+    differing = {i: _divergence(model, prompts[i],
                                 ref_answers[i]["token_ids"], m["token_ids"])
                  for i, m in enumerate(answers) if m["token_ids"] != ref_answers[i]["token_ids"]}
     del model
@@ -320,6 +321,7 @@ def push_adapter(stage: Stage) -> dict[str, Any] | None:
 def check_before_export(stage: Stage) -> None:
     """What must hold before minutes go into a merge: an adapter to export, and a token if a push was asked for."""
     adapter_dir(stage)
+    check_request(stage)  # eval.export_gguf: the converter, the architecture, the disk
     if stage.cfg.eval.push_to_hub.strip():
         hub_token_for(stage.cfg.eval.push_to_hub.strip())  # a missing token fails now, not after the merge
 
@@ -333,11 +335,12 @@ def finish_export(stage: Stage, merged: dict[str, Any] | None) -> dict[str, Any]
     run_dir, adapter = stage.run_dir, adapter_dir(stage)
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
     check, forms = check_and_score(stage, merged)
+    gguf = export_and_score(stage, merged, check, forms)  # GGUF files and their rows of the forms table
     metrics: dict[str, Any] = {
         "adapter": {"path": "adapter", "bytes": _dir_bytes(adapter), "base_model": adapter_cfg.get("base_model_name_or_path"),
                     "r": adapter_cfg.get("r"), "lora_alpha": adapter_cfg.get("lora_alpha"),
                     "target_modules": _names(adapter_cfg.get("target_modules"))},
-        "merged": merged, "verification": check, "forms": forms, "hub": None,
+        "merged": merged, "verification": check, "forms": forms, "gguf": gguf, "hub": None,
     }
     metrics["memory"] = memory_snapshot()
     with writing(run_dir, "export"):

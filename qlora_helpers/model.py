@@ -144,9 +144,10 @@ def loading_errors(stage: Stage, location: str | None = None) -> Iterator[None]:
     line naming model.name."""
     import pickle
 
+    from .sources import holds_weights
+
     location = location or stage.model.location
-    if Path(location).is_dir() and not any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
-                                           for f in os.listdir(location)):
+    if Path(location).is_dir() and not holds_weights(os.listdir(location)):
         raise ConfigError(f"model.name '{location}': holds no weights (no *.safetensors or pytorch_model*.bin); "
                           f"to look at it without weights: python -m qlora_helpers inspect-model --model {location} --random-weights")
     try:

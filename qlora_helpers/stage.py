@@ -12,13 +12,14 @@ from typing import Any
 
 from .adopt import continue_attached_run, writable_run_dir
 from .budget import begin_session
-from .config import Config, ConfigError, UserError, config_from_params, same_settings
+from .config import Config, ConfigError, UserError, config_from_params, same_settings, shorten
+from .datasource import check_files_unchanged
 from .hardware import check_machine, choose_compute_dtype, device_of, hardware
 from .runlock import writing
-from .runs import (CONFIG_FILE, default_run_dir, ensure_dir, latest_run_dir, link_latest, load_config, read_json,
-                   save_config)
+from .runs import (CONFIG_FILE, check_run_dir, claim_run_dir, default_run_dir, latest_run_dir, link_latest, load_config,
+                   read_json, require_run_dir, save_config)
 from .secrets import HOW_TO_PROVIDE, hf_token
-from .sources import ModelSource, check_sources, model_source, resolve_paths
+from .sources import ModelSource, check_sources, model_fingerprint, model_source, resolve_paths
 
 # Keys a later session may change on an existing run directory without making it another run: how long to
 # train (a resumed run trains further) and what evaluation and export do.
@@ -72,7 +73,8 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
 
 
 def check_same_run(cfg: Config, run_dir: Path) -> None:
-    """A run directory belongs to one set of settings; only how long to train, evaluation and export may change."""
+    """A run directory belongs to one set of settings; only how long to train, evaluation and export may change.
+    (Whose folder it is was checked first, check_run_dir: a model folder's config.json is not a run's.)"""
     saved = run_dir / CONFIG_FILE
     if not saved.exists():
         return
@@ -92,11 +94,72 @@ def steps_done(run_dir: Path) -> int:
 
 
 def check_steps(cfg: Config, run_dir: Path) -> None:
-    """train.max_steps may grow on an existing run (it trains further), not fall below the steps trained."""
+    """train.max_steps may grow on an existing run (it trains further), not fall below the steps trained, and not
+    grow past a decaying learning-rate schedule that has ended (at 0; checkpoints.check_schedule_goes_on checks
+    train.epochs the same way once the number of steps is known)."""
     done = steps_done(run_dir)
     if cfg.train.max_steps and done > cfg.train.max_steps:
         raise UserError(f"train.max_steps={cfg.train.max_steps}, but run directory {run_dir} has trained {done} "
                         f"steps already (checkpoint-{done}); raise train.max_steps to train further, or use a new RUN_DIR")
+    if cfg.train.max_steps > done > 0 and cfg.train.lr_scheduler in ("cosine", "linear"):
+        state = read_json(run_dir / "train" / "checkpoints" / f"checkpoint-{done}" / "trainer_state.json", {}) or {}
+        if state.get("global_step") == done and state.get("max_steps") == done:
+            raise UserError(f"train.max_steps={cfg.train.max_steps}, but run directory {run_dir} finished its "
+                            f"{cfg.train.lr_scheduler} learning-rate schedule at step {done} with a learning rate of 0 "
+                            f"(checkpoint-{done}); trained further, it would take its next step at a learning rate of 0. "
+                            f"To train longer, start a new run with train.max_steps={cfg.train.max_steps} (another "
+                            "RUN_DIR), or keep train.max_steps as it was")
+
+
+def training_started(run_dir: Path) -> str | None:
+    """What shows that this run has trained (a checkpoint it can resume from, or a saved adapter), or None."""
+    folder = run_dir / "train" / "checkpoints"
+    if folder.is_dir() and any(p.name.startswith("checkpoint-") for p in folder.iterdir()):
+        return "train/checkpoints"
+    return "adapter/" if (run_dir / "adapter").is_dir() else None
+
+
+def check_apart(cfg: Config, run_dir: Path) -> None:
+    """The run directory and the folders the run reads (data.source, model.name) do not overlap: a run reading its
+    own output as data would train on its tokenized rows, and a run directory inside a data folder would be read
+    as data by the next session."""
+    run_dir = run_dir.resolve()
+    for key in ("data.source", "model.name"):
+        value = cfg.flat()[key]
+        if value == "embedded" or not Path(value).expanduser().exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        if path.is_relative_to(run_dir) or run_dir.is_relative_to(path):
+            where = "inside the run directory" if path.is_relative_to(run_dir) else "a folder holding the run directory"
+            raise UserError(f"config key '{key}': {shorten(str(path), 200)} is {where} {run_dir}; what a run reads "
+                            "and what it writes must be apart: choose another RUN_DIR (--run-dir)")
+
+
+def check_directory(cfg: Config, run_dir: Path) -> None:
+    """Everything a run directory must allow before a stage (or the pipeline) writes into it: a folder this tool
+    may write into, apart from what the run reads, the same settings as before, no fewer steps than trained, the
+    same data files."""
+    check_run_dir(run_dir)
+    check_apart(cfg, run_dir)
+    check_same_run(cfg, run_dir)
+    check_steps(cfg, run_dir)
+    started = training_started(run_dir)
+    check_files_unchanged(cfg, run_dir, started)
+    check_model_unchanged(cfg, run_dir, started)
+
+
+def check_model_unchanged(cfg: Config, run_dir: Path, started: str | None) -> None:
+    """A run that has trained goes on from the same base model it started on: another model behind the same
+    model.name (a local folder replaced, a newer version attached on Kaggle, the hub's branch moved on) is refused."""
+    recorded = (read_json(run_dir / "data" / "fingerprint.json", {}) or {}).get("model")
+    if not started or not recorded:
+        return
+    now = model_fingerprint(model_source(cfg))
+    if now != recorded:
+        raise UserError(f"model.name '{shorten(cfg.model.name, 200)}': the base model is not the one this run started on "
+                        f"({shorten(recorded.get('location'), 120)} then, {shorten(now.get('location'), 120)} now, or its "
+                        f"files changed), and run directory {run_dir} has trained on it ({started}); an adapter goes on "
+                        "only on its own base. Point model.name at the model it started on, or start a new run")
 
 
 def training_done(cfg: Config, run_dir: Path) -> bool:
@@ -109,10 +172,10 @@ def training_done(cfg: Config, run_dir: Path) -> bool:
 
 
 def check_run(stage: "Stage") -> None:
-    """What a run directory and this machine must allow before any stage works: the same settings as before,
-    no fewer steps than trained, and (while training is still to come) settings this machine can train with."""
-    check_same_run(stage.cfg, stage.run_dir)
-    check_steps(stage.cfg, stage.run_dir)
+    """What a run directory and this machine must allow before any stage works: a folder this tool may write into,
+    the same settings as before, no fewer steps than trained, the same data, and (while training is still to come)
+    settings this machine can train with."""
+    check_directory(stage.cfg, stage.run_dir)
     if not training_done(stage.cfg, stage.run_dir):
         check_machine(stage.cfg, stage.hw)
     if stage.cfg.eval.push_to_hub.strip() and hf_token() is None:  # notebook 04 would refuse to push
@@ -153,7 +216,7 @@ def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None)
     path = resolve_run_dir(run_dir)
     stage = Stage(cfg, path)
     check_run(stage)  # before anything is written: a refused run changes nothing
-    ensure_dir(path)
+    claim_run_dir(path)  # the marker first, then the lock and the config
     with writing(path, "a notebook run by hand"):  # a no-op under the pipeline, which holds the lock already
         check_run(stage)  # again, now that no other run can change the directory
         save_config(cfg, path)
@@ -163,6 +226,7 @@ def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None)
 
 
 def stage_from_run_dir(run_dir: str | Path) -> Stage:
-    """The stage for a run directory an earlier stage made (what ``python -m qlora_helpers train`` uses)."""
-    run_dir = Path(run_dir).resolve()
+    """The stage for a run directory an earlier stage made (what ``python -m qlora_helpers train`` uses); a folder
+    this tool did not make is refused before anything is read from it."""
+    run_dir = require_run_dir(Path(run_dir).resolve())
     return Stage(load_config(run_dir), run_dir)

@@ -76,12 +76,14 @@ def resume_checkpoint(stage: Stage) -> str | None:
 def finished_training(stage: Stage, n_train: int, world: int | None = None) -> dict[str, Any] | None:
     """The metrics of a run that has trained all its steps already, reported instead of trained again (the
     Trainer, resumed at its last step, would train one more); None when there is training left to do. A
-    train.max_steps (or train.epochs) below the steps done is a one-line error, not a silent extra step."""
-    from .checkpoints import check_not_past, finished_metrics, newest_complete
+    train.max_steps (or train.epochs) below the steps done is a one-line error, not a silent extra step; above the
+    steps of a run whose learning-rate schedule ended at 0, also one (checkpoints.check_schedule_goes_on)."""
+    from .checkpoints import check_not_past, check_schedule_goes_on, finished_metrics, newest_complete
 
     checkpoint = newest_complete(stage)
     done, total = checkpoint_step(checkpoint), total_steps(stage, n_train, world)
     check_not_past(stage, total, done, checkpoint)
+    check_schedule_goes_on(stage, total, done, checkpoint)
     if done != total:
         return None
     from .hardware import resolve_optim
@@ -96,8 +98,11 @@ def finished_training(stage: Stage, n_train: int, world: int | None = None) -> d
             "stopped_by_time_budget": False, "examples_seen": examples, "epochs": round(examples / max(1, n_train), 4),
             **whole_run_numbers(stage.run_dir), "tokens_per_s": None, "packing": t.packing,
             "optim": resolve_optim(t.optim, stage.hw["device"]), "compute_dtype": stage.compute_dtype})
+    further = ("to train longer, start a new run with more steps (its learning-rate schedule has ended)"
+               if stage.cfg.train.lr_scheduler in ("cosine", "linear") else
+               "raise train.max_steps or train.epochs to train further")
     print(f"[qlora] {stage.run_dir} has trained all {total} steps already (train/metrics.json): reported, not "
-          "trained again; raise train.max_steps or train.epochs to train further")
+          f"trained again; {further}")
     return metrics
 
 

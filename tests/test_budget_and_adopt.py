@@ -92,7 +92,7 @@ def test_an_attached_earlier_run_is_copied_to_working_and_continued(kaggle):
     assert run == kaggle / "working" / "runs" / newer.name
     assert (run / "train" / "checkpoints" / "checkpoint-10" / "trainer_state.json").is_file()
     assert (run / "export" / "metrics.json").is_file() and not (run / "export" / "merged").exists()
-    (run / "config.json").write_text("{}")  # writable
+    (run / "config.json").write_text((run / "config.json").read_text())  # writable
     assert resolve_run_dir("") == run  # the next stage finds it in working, with no `latest` link there
     assert not (kaggle / "working" / "runs" / "latest").exists()
 
@@ -100,7 +100,7 @@ def test_an_attached_earlier_run_is_copied_to_working_and_continued(kaggle):
 def test_a_run_dir_under_input_is_copied_and_one_that_is_no_run_is_refused(kaggle):
     older = _run(kaggle / "input" / "prev", "20260101-120000-aaaa", merged=False)
     assert resolve_run_dir(str(older)) == kaggle / "working" / "runs" / older.name
-    with pytest.raises(UserError, match="no config.json there"):
+    with pytest.raises(UserError, match=r"no qlora-run.json \(or, from an older version, config.json\) there"):
         resolve_run_dir(str(kaggle / "input" / "prev"))
 
 

@@ -1,4 +1,4 @@
-"""`check-data` and the strict checks on a person's own data files (qlora_helpers.datafiles.check_source)."""
+"""`check-data` and the strict checks on a person's own data files (qlora_helpers.datasource.check_source)."""
 import json
 import os
 import shutil
@@ -9,7 +9,8 @@ from qlora_helpers import build_config
 from qlora_helpers.__main__ import main
 from qlora_helpers import Stage
 from qlora_helpers.data import prepare_data
-from qlora_helpers.datafiles import DataError, check_source
+from qlora_helpers.datafiles import DataError
+from qlora_helpers.datasource import check_source
 
 from conftest import REPO, SHARED_DATA, run_cli
 
@@ -40,7 +41,7 @@ def test_check_data_on_the_real_alpaca_sample():
     kept = int(out.split("rows kept: ")[1].split("\n")[0].replace(",", ""))
     dropped = int(out.split("rows dropped: ")[1].split("\n")[0].replace(",", ""))
     assert kept + dropped == 2000 and kept > 1800
-    for reason in ("missing_field", "not_a_string", "bad_messages", "empty_response", "duplicate", "too_long"):
+    for reason in ("missing_field", "not_a_string", "bad_messages", "needs_chat_template", "empty_response", "duplicate", "too_long"):
         assert f"  {reason}: " in out
     assert "p50" in out and "p95" in out and "tokens that carry the loss" in out
     assert "Traceback" not in result.stderr
@@ -166,7 +167,7 @@ def test_hub_and_embedded_sources_count_instead_of_failing(smol_tokenizer, tmp_p
     assert source.format == "alpaca" and len(source.rows) == 200
     m = prepare_data(Stage(build_config("test"), tmp_path), smol_tokenizer, source)
     assert m["rows_read"] == 200 and set(m["dropped_by_reason"]) == {
-        "missing_field", "not_a_string", "bad_messages", "empty_response", "duplicate", "too_long"}
+        "missing_field", "not_a_string", "bad_messages", "needs_chat_template", "empty_response", "duplicate", "too_long"}
     saved = json.loads((tmp_path / "data" / "metrics.json").read_text())
     assert saved["dropped_by_reason"] == m["dropped_by_reason"] and saved["pad_token"] != saved["end_token"]
     assert saved["train_lengths"]["prompt_tokens"] + saved["train_lengths"]["response_tokens"] == saved["train_lengths"]["tokens"]
@@ -216,7 +217,7 @@ def test_malformed_sources_are_one_error_each_whatever_the_format(tmp_path, name
 
 def test_turns_out_of_order_in_hub_data_are_a_counted_drop(smol_tokenizer):
     from qlora_helpers.data import build_examples
-    from qlora_helpers.datafiles import Source
+    from qlora_helpers.datasource import Source
 
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
             {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi"},

@@ -5,8 +5,7 @@ from qlora_helpers import build_config
 from qlora_helpers import Stage
 from qlora_helpers.data import (IGNORE_INDEX, Formatter, clean_and_tokenize, keep_pad_off_end_token, prepare_data,
                                 split_examples, load_split)
-from qlora_helpers.datafiles import to_turns
-from qlora_helpers.sources import generate_embedded
+from qlora_helpers.datasource import generate_embedded, to_turns
 
 from conftest import SHARED_DATA
 

@@ -80,7 +80,9 @@ def _logged_steps(run_dir, kind):
 
 
 def test_two_processes_log_once_save_once_count_both_and_resume(tmp_path, tiny_llama):
-    _run_dir(tmp_path, tiny_llama)
+    # A constant schedule: a finished cosine run cannot be made longer (it ended at a learning rate of 0).
+    constant = {"train.lr_scheduler": "constant"}
+    _run_dir(tmp_path, tiny_llama, **constant)
     out = _launch(tmp_path, 2)
     assert out.count("[qlora] training finished") == 1  # only the main process reports
 
@@ -98,7 +100,7 @@ def test_two_processes_log_once_save_once_count_both_and_resume(tmp_path, tiny_l
     assert sorted(p.name for p in last.glob("rng_state*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
 
     # a longer run on the same directory resumes from checkpoint-4 and logs each new step once
-    _run_dir(tmp_path, tiny_llama, max_steps=STEPS + 2)
+    _run_dir(tmp_path, tiny_llama, max_steps=STEPS + 2, **constant)
     _launch(tmp_path, 2)
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert metrics["steps"] == STEPS + 2 and metrics["resumed_from_step"] == STEPS

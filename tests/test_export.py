@@ -111,11 +111,13 @@ print(json.dumps({
 
 
 def test_adapter_loads_onto_an_unquantized_base_in_a_fresh_process(exported_run):
-    from qlora_helpers.evaluate import held_out_prompts
+    from qlora_helpers.evaluate import held_out_prompts, held_out_texts
 
     stage, run_dir, _ = exported_run
-    _, prompts, _ = held_out_prompts(stage, load_tokenizer(stage))
-    proc = subprocess.run([sys.executable, "-c", LOAD_ADAPTER, str(embedded_model_dir()), str(run_dir / "adapter"), prompts[0]],
+    tokenizer = load_tokenizer(stage)
+    examples, _, _ = held_out_prompts(stage, tokenizer)
+    prompt = held_out_texts(stage, tokenizer, examples)[0]  # as a user would type it, in a fresh process
+    proc = subprocess.run([sys.executable, "-c", LOAD_ADAPTER, str(embedded_model_dir()), str(run_dir / "adapter"), prompt],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -207,7 +209,7 @@ def test_merged_model_answers_like_the_dequantized_base_plus_adapter(exported_ru
 
     identical = 0
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt])
         ref_tokens, ref_sequence, ref_logits = greedy_and_logits(reference, ids)
         merged_tokens, _, _ = greedy_and_logits(merged, ids)
         with torch.no_grad():

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,7 @@ def train_here(run_dir):
     from qlora_helpers.data import load_tokenizer
     from recipe import attach_lora, build_trainer, load_base, train
 
+    run_dir = Path(run_dir)
     stage = Stage(load_config(run_dir), run_dir)
     return train(stage, build_trainer(stage, attach_lora(stage, load_base(stage)), load_tokenizer(stage)))
 
@@ -327,8 +329,9 @@ def test_files_the_project_wrote_cut_short_are_named_in_one_line(reference, tmp_
     _cut(run_dir / "data" / "train.jsonl", 0.3)
     with pytest.raises(CorruptFile, match=r"train\.jsonl: line \d+ cannot be read back"):
         load_split(run_dir, "train")
-    assert main(["train", "--run-dir", str(run_dir)]) == 2
-    assert "train.jsonl: line" in last_error_line(capsys.readouterr().err)
+    assert main(["train", "--run-dir", str(run_dir)]) == 1  # notebook 03 stops there, naming its cell and the file
+    line = last_error_line(capsys.readouterr().err)
+    assert "03_lora_training.ipynb failed in cell" in line and "train.jsonl: line" in line
 
     _cut(run_dir / "train" / "metrics.json")
     with pytest.raises(CorruptFile, match=r"train/metrics\.json: cannot be read back"):
@@ -465,3 +468,78 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_leaves_nothing_behind(t
     acquire(run_dir, "the next run")  # the training lock went with the process
     release(run_dir)
     assert steps_logged(run_dir)[:2] == [1, 2]
+
+
+# --------------------------------------------------------------------------- the same seed, the same model
+def test_the_same_seed_gives_the_same_adapter_bit_for_bit_and_another_seed_another(tmp_path, tiny_llama):  # noqa: F811
+    """Issue 23: LoRA's A matrices were drawn from an unseeded generator, so train.seed repeated nothing. On the CPU
+    the same seed now gives the same adapter file, byte for byte; another seed gives another."""
+    from safetensors.torch import load_file
+
+    from recipe import attach_lora, load_base
+
+    files = {}
+    for name, seed in (("first", 7), ("again", 7), ("other", 8)):
+        run_dir = tmp_path / name
+        make_run(run_dir, tiny_llama, max_steps=2, **{"train.seed": seed})
+        done = train_cli(run_dir)
+        assert done.returncode == 0, done.stderr[-3000:]
+        files[name] = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert files["first"] == files["again"] and files["first"] != files["other"]
+    # Not only the data order: the adapters start alike under one seed and apart under two.
+    start = {}
+    for name in ("first", "other"):
+        stage = Stage(load_config(tmp_path / name), tmp_path / name)
+        model = attach_lora(stage, load_base(stage))
+        start[name] = {k: v.clone() for k, v in model.named_parameters() if "lora_A" in k}
+    again = attach_lora(Stage(load_config(tmp_path / "again"), tmp_path / "again"), load_base(stage))
+    assert all((again.get_parameter(k) == v).all() for k, v in start["first"].items())
+    assert any((start["other"][k] != v).any() for k, v in start["first"].items())
+    assert load_file(str(tmp_path / "first" / "adapter" / "adapter_model.safetensors")).keys()
+
+
+# --------------------------------------------------------------------------- a longer run, never at a learning rate of 0
+def test_a_finished_run_made_longer_is_refused_rather_than_trained_at_a_learning_rate_of_0(reference, tmp_path):
+    """The cosine schedule ended at 0 at step 6; the Trainer, resumed with train.max_steps=8, would take step 7 at the
+    optimizer's learning rate, 0. Refused in one line, early (start_stage) and where training starts."""
+    import torch
+
+    from qlora_helpers.stage import start_stage
+
+    run_dir = copy_run(reference, tmp_path)
+    last = torch.load(run_dir / "train" / "checkpoints" / "checkpoint-6" / "scheduler.pt", weights_only=True)
+    assert max(last["_last_lr"]) == 0.0  # the case itself: the schedule's end
+    overrides = {**{k: v for k, v in load_config(run_dir).flat().items() if k != "profile"}, "train.max_steps": 8}
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"finished its cosine learning-rate schedule at step 6 with a learning rate "
+                                        r"of 0 \(checkpoint-6\).*start a new run with train\.max_steps=8"):
+        start_stage("test", overrides, str(run_dir))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    save_config(load_config(run_dir).copy_with({"train.max_steps": 8}), run_dir)
+    with pytest.raises(UserError, match=r"with a learning rate of 0 \(checkpoint-6\)"):
+        train_here(run_dir)
+    assert not (run_dir / "train" / "checkpoints" / "checkpoint-7").exists()
+
+
+def test_a_run_made_longer_before_its_schedule_ended_goes_on_above_0(reference, tmp_path):
+    """Killed after checkpoint-4 of 6, then given train.max_steps=8: it resumes at step 5 on the schedule the Trainer
+    builds for 8 steps (cosine, stretched), never at 0 before the new end."""
+    run_dir = copy_run(reference, tmp_path)
+    shutil.rmtree(run_dir / "train" / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(run_dir / "adapter")
+    (run_dir / "train" / "metrics.json").unlink()
+    save_config(load_config(run_dir).copy_with({"train.max_steps": 8}), run_dir)
+    metrics = train_here(run_dir)
+    assert metrics["steps"] == 8 and metrics["resumed_from_step"] == 4
+    rates = {r["step"]: r["learning_rate"] for r in read_metrics_log(run_dir) if r["kind"] == "train"}
+    assert all(rates[step] > 0 for step in (5, 6, 7, 8))
+
+
+def test_a_constant_schedule_made_longer_goes_on_at_its_rate(tmp_path, tiny_llama):  # noqa: F811
+    run_dir = tmp_path / "run"
+    make_run(run_dir, tiny_llama, max_steps=2, **{"train.lr_scheduler": "constant"})
+    assert train_here(run_dir)["steps"] == 2
+    save_config(load_config(run_dir).copy_with({"train.max_steps": 4}), run_dir)
+    assert train_here(run_dir)["steps"] == 4
+    rates = [r["learning_rate"] for r in read_metrics_log(run_dir) if r["kind"] == "train"]
+    assert rates == [load_config(run_dir).train.learning_rate] * 4

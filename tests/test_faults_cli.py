@@ -16,6 +16,7 @@ import pytest
 from qlora_helpers import Stage, build_config
 from qlora_helpers.config import ConfigError, UserError
 from qlora_helpers.runlock import ENV, RunDirBusy, acquire, release
+from qlora_helpers.runs import claim_run_dir
 from qlora_helpers.stage import start_stage
 from qlora_helpers.train import resume_checkpoint
 
@@ -60,8 +61,7 @@ def one_error_line(stderr):
 
 # --------------------------------------------------------------------------- one run at a time
 def test_a_second_run_is_refused_in_one_line_naming_the_holder_and_changes_nothing(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir = claim_run_dir(tmp_path / "run")  # a run directory of this tool, an earlier run's notebook in it
     (run_dir / "notebooks").mkdir()
     (run_dir / "notebooks" / "01_data_preparation.ipynb").write_text('{"cells": []}')
     proc = holder(run_dir, "python -m qlora_helpers run")

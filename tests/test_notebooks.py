@@ -119,3 +119,15 @@ def test_the_configuration_objects_are_built_in_a_cell_with_a_reason_per_argumen
         for kw in call.keywords:
             line = lines[kw.value.lineno - 1]
             assert "#" in line or "#" in lines[kw.value.end_lineno - 1], f"{name}: {cls}({kw.arg}=...) has no reason beside it"
+
+
+@pytest.mark.parametrize("name", ["02_quantized_model_loading", "03_lora_training"])
+def test_lora_starts_from_train_seed_in_the_cell_that_attaches_it(name):
+    """LoRA's A matrices are drawn at get_peft_model: the cell seeds from train.seed right before it, with nothing
+    random in between, so the same seed gives the same adapter (tests/test_faults.py checks it bit for bit)."""
+    cells = ["".join(c["source"]) for c in json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+             if c["cell_type"] == "code"]
+    cell = next(c for c in cells if "= get_peft_model(" in c)
+    lines = [l.strip() for l in cell.splitlines() if l.strip() and not l.strip().startswith("#")]
+    at = next(i for i, l in enumerate(lines) if "get_peft_model(" in l and "import" not in l)
+    assert lines[at - 1].startswith("set_seed(cfg.train.seed)"), lines[at - 1]

@@ -71,9 +71,15 @@ def assert_benchmarks_build_what_the_notebooks_built(run_dir):
 
 
 def test_a_failing_stage_names_the_notebook_and_the_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "2 + 2?", "output": 4}\n')  # found, but wrong inside
     proc = run_cli("run", "--profile", "test", "--run-dir", str(tmp_path / "run"),
-                   "-p", f"data.source={tmp_path / 'missing.jsonl'}", timeout=300)
+                   "-p", f"data.source={tmp_path / 'bad.jsonl'}", timeout=300)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert "01_data_preparation.ipynb failed in cell" in last and "DataError" in last and "missing.jsonl" in last
+    assert "01_data_preparation.ipynb failed in cell" in last and "DataError" in last and "bad.jsonl" in last
     assert not (tmp_path / "run" / "notebooks" / "02_quantized_model_loading.ipynb").exists()
+    # A file that is not there at all is refused before a run directory is made.
+    proc = run_cli("run", "--profile", "test", "--run-dir", str(tmp_path / "run2"),
+                   "-p", f"data.source={tmp_path / 'missing.jsonl'}", timeout=300)
+    assert proc.returncode == 2 and "missing.jsonl': no such file or folder" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run2").exists()

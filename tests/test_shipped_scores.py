@@ -46,6 +46,28 @@ def test_every_form_scores_what_was_recorded(embedded_run):
     assert summary["eval"]["exact_match_after"] == got["4bit+adapter"]
 
 
+def test_the_gguf_files_answer_as_the_evaluated_model(embedded_run):
+    """eval.export_gguf's f16 and q8_0 files, answered by llama.cpp or (without llama-cpp-python, as on a fresh
+    clone) transformers' GGUF loader: within the issue's 3 points of the evaluated model, in every table."""
+    run_dir, summary = embedded_run
+    evaluated = summary["eval"]["exact_match_after"]
+    metrics = json.loads((run_dir / "export" / "metrics.json").read_text())
+    files = {f["type"]: f for f in metrics["gguf"]["files"]}
+    assert set(files) == {"f16", "q8_0"}
+    report = (run_dir / "report.md").read_text()
+    card = (run_dir / "export" / "merged" / "README.md").read_text()
+    for t, f in files.items():
+        s = summary["forms"][f"gguf-{t}"]
+        assert abs(s["exact_match"] - evaluated) <= WITHIN, (t, s, evaluated)
+        assert (run_dir / f["path"]).stat().st_size == f["bytes"] <= f["estimated_bytes"]
+        assert f["metadata"]["eos_token_id"] == 2 and f["metadata"]["tokenizer_pre"] == "smollm"  # <|im_end|>
+        assert (run_dir / f["modelfile"]).read_text().startswith("# Ollama: ollama create")
+        row = f"| gguf-{t} | the shipped merged model as a GGUF file, {t}, answered by "
+        assert row in report and row in card, t
+        line = next(l for l in report.splitlines() if l.startswith(row))
+        assert f"| {s['exact_match']:.0%} |" in line and line.endswith(f"| {s['same_answer_as_evaluated']}/60 |"), line
+
+
 def test_the_default_export_scores_what_was_evaluated(embedded_run):
     run_dir, summary = embedded_run
     shipped, evaluated = summary["shipped"], summary["eval"]["exact_match_after"]

@@ -26,7 +26,7 @@ def test_an_attached_dataset_is_found_by_the_words_of_the_hub_name(tmp_path):
 
 
 def test_stage_one_reads_the_attached_copy_and_says_so(tmp_path, monkeypatch):
-    from qlora_helpers.datafiles import load_raw
+    from qlora_helpers.datasource import load_raw
 
     rows = [{"instruction": "Say hi.", "input": "", "output": "hi"}]
     copy = _touch(tmp_path / "input" / "alpaca-cleaned" / "alpaca_data_cleaned.json", json.dumps(rows))

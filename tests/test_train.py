@@ -13,6 +13,7 @@ import pytest
 from qlora_helpers import Stage, build_config
 from qlora_helpers.checkpoints import newest_complete
 from qlora_helpers.callbacks import TrainingDiverged, metrics_callback
+from qlora_helpers.runs import claim_run_dir
 from qlora_helpers.train import resume_checkpoint
 
 from conftest import REPO
@@ -73,6 +74,7 @@ def _checkpoint(folder, step):
 
 
 def test_an_interrupted_checkpoint_is_not_resumed_from(tmp_path, capsys):
+    claim_run_dir(tmp_path)  # a run directory (the checkpoints below are a run's)
     ckpts = tmp_path / "train" / "checkpoints"
     for step in (2, 4, 6):
         _checkpoint(ckpts / f"checkpoint-{step}", step)
@@ -112,6 +114,7 @@ def test_the_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, smol_tokenize
 
 
 def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
+    claim_run_dir(tmp_path)
     path = tmp_path / "train" / "metrics.jsonl"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"step": 1, "kind": "train", "loss": 2.0}) + "\n"
