@@ -308,6 +308,7 @@ def run_recipes(names: list[str], lengths_path: str, warmup_default: int, steps_
 
     from qlora_helpers import Stage
     from qlora_helpers.model import count_parameters
+    from qlora_helpers.runs import claim_run_dir
     from recipe import attach_lora, build_trainer
     from random_model import build_random_model
 
@@ -331,7 +332,7 @@ def run_recipes(names: list[str], lengths_path: str, warmup_default: int, steps_
         examples = alpaca_like_examples(lengths, examples_needed(cfg, lengths, warmup + steps + profile_steps),
                                         cfg.data.max_seq_len, seed, vocab=LEARNABLE_VOCAB if recipe.get("sanity") else 32000)
         with tempfile.TemporaryDirectory() as tmp:
-            run_dir = Path(tmp)
+            run_dir = claim_run_dir(Path(tmp) / "run")  # a run directory of this tool's, marked before data lands
             stage = Stage(cfg, run_dir)
             (run_dir / "data").mkdir()
             for split, part in (("train", examples), ("val", examples[:8])):

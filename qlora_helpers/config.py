@@ -33,6 +33,20 @@ class ConfigError(UserError):
 ECHO_LIMIT = 80  # characters of a user's value an error message repeats
 
 
+def _known_keys(full_key: str) -> str:
+    """What to say after an unknown key: the closest known keys, and the section's keys (or the sections), so the
+    line stays short whatever the key."""
+    import difflib
+
+    keys = [k for k in Config().flat() if k != "profile"]
+    close = difflib.get_close_matches(full_key[:100], keys, n=1, cutoff=0.75)
+    section = full_key.partition(".")[0]
+    mine = [k for k in keys if k.startswith(section + ".")]
+    said = f"did you mean {', '.join(close)}? " if close else ""
+    return said + (f"known keys of {section}: {', '.join(k.partition('.')[2] for k in mine)}" if mine
+                   else f"known sections: {', '.join(SECTIONS)}")
+
+
 def shorten(value: Any, limit: int = ECHO_LIMIT) -> str:
     """``value`` as an error message may echo it: its repr (a string as text), cut to ``limit`` characters with the
     full length said. A value that is a container is described, never expanded (a few hundred bytes of YAML can
@@ -312,8 +326,7 @@ def set_value(cfg: Config, full_key: str, value: Any, origin: Path | str | None 
         raise ConfigError(f"config key 'profile'{where}: choose the profile with --profile / PROFILE, not an override")
     section, _, key = full_key.partition(".")
     if section not in SECTIONS or key not in type(getattr(cfg, section)).model_fields:
-        known = ", ".join(k for k in Config().flat() if k != "profile")
-        raise ConfigError(f"unknown config key '{shorten(full_key, 60)}'{where} (known keys: {known})")
+        raise ConfigError(f"unknown config key '{shorten(full_key, 60)}'{where} ({_known_keys(full_key)})")
     owner = getattr(cfg, section)
     if isinstance(value, str) and type(owner).model_fields[key].annotation is not str:
         value = value.strip()

@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import UserError
 from .runlock import announced_lock
-from .runs import read_json
+from .runs import check_run_dir, read_json
 from .stage import Stage, stage_from_run_dir
 
 TRAINING_NOTEBOOK = "03_lora_training.ipynb"
@@ -85,7 +85,7 @@ def run_training_notebook(run_dir: str | Path, kernel: str = "python3") -> dict[
     one's output is shown); outside a launch it is stage 3 run by hand, which on several GPUs launches itself."""
     from .pipeline import execute, notebook_path
 
-    run_dir = Path(run_dir).resolve()
+    run_dir = check_run_dir(Path(run_dir).resolve())  # a folder this tool did not make is refused, untouched
     for needed in ("config.json", "data/train.jsonl", "model/lora/adapter_config.json"):
         if not (run_dir / needed).exists():
             raise UserError(f"--run-dir {run_dir}: no {needed} there; run notebooks 01 and 02 on it first "

@@ -229,6 +229,13 @@ def inside_checkout(path: Path) -> bool:
     return path.is_relative_to(REPO_ROOT) and not path.is_relative_to(REPO_ROOT / "runs")
 
 
+def _contents(path: Path) -> list[Path]:
+    """What a folder holds, less a marker another process is writing this moment (write_json's temporary file, which
+    it renames to MARKER): two stages claiming one new folder at once both get it."""
+    being_marked = f".{Path(MARKER).stem}."
+    return [p for p in path.iterdir() if not (p.name.startswith(being_marked) and ".tmp" in p.name)]
+
+
 def run_dir_problem(path: Path) -> str | None:
     """Why a run may not write into ``path`` (resolved), or None: it may write into a folder that does not exist
     yet, an empty one, or a run directory this tool made (marked), or one it made before the marker existed."""
@@ -241,7 +248,7 @@ def run_dir_problem(path: Path) -> str | None:
     if not path.is_dir():
         return "it exists and is not a folder"
     try:
-        if is_marked(path) or not any(path.iterdir()):
+        if is_marked(path) or not _contents(path):
             return None
         return legacy_problem(path)
     except OSError as exc:
@@ -264,7 +271,7 @@ def claim_run_dir(path: str | Path) -> Path:
     path = check_run_dir(path)
     if is_marked(path):
         return path
-    legacy = path.is_dir() and any(path.iterdir())
+    legacy = path.is_dir() and bool(_contents(path))
     ensure_dir(path)
     record = {"made_by": MADE_BY, "created": datetime.now().astimezone().isoformat(timespec="seconds"),
               "note": "this folder is a run directory of qlora_helpers; a run writes only into folders marked so"}

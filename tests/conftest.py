@@ -31,9 +31,9 @@ def run_cli(*args, timeout=900, env=None, cwd=None):
 def stage_for(tmp_path, profile="test", overrides=None):
     """A Stage on a fresh run directory (what start_stage gives a notebook), for tests that call helpers."""
     from qlora_helpers import Stage, build_config
+    from qlora_helpers.runs import claim_run_dir
 
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return Stage(build_config(profile, overrides or {}), tmp_path)
+    return Stage(build_config(profile, overrides or {}), claim_run_dir(tmp_path))  # marked, as start_stage does
 
 
 def ctrl_c_reaches_it() -> None:

@@ -303,7 +303,7 @@ MISTAKES = [
     (["inspect-model", "--model", "{tmp}/pickled"], "its weights are a pickle"),
     (["inspect-model", "--model", "{tmp}/notes.txt"], "a file, but not a .gguf one"),
     (["inspect-model", "--model", "embedded", "--target-modules", " , "], "no names in it"),
-    (["train", "--run-dir", "{tmp}/no-such-run"], "no config.json or data/train.jsonl there"),
+    (["train", "--run-dir", "{tmp}/no-such-run"], "no-such-run: no config.json there"),
 ]
 
 

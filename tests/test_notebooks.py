@@ -117,8 +117,8 @@ def test_the_configuration_objects_are_built_in_a_cell_with_a_reason_per_argumen
         assert len(call.keywords) >= 6, f"{name}: {cls} is built with few arguments"
         lines = cell.splitlines()
         for kw in call.keywords:
-            line = lines[kw.value.lineno - 1]
-            assert "#" in line or "#" in lines[kw.value.end_lineno - 1], f"{name}: {cls}({kw.arg}=...) has no reason beside it"
+            beside = {kw.lineno, kw.value.lineno, kw.value.end_lineno}  # the argument's name, its value's first or last line
+            assert any("#" in lines[n - 1] for n in beside), f"{name}: {cls}({kw.arg}=...) has no reason beside it"
 
 
 @pytest.mark.parametrize("name", ["02_quantized_model_loading", "03_lora_training"])
