@@ -22,7 +22,7 @@ run: setup
 	$(PY) -m qlora_helpers run --profile $(PROFILE) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(P)
 
 test: setup
-	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900 -p no:cacheprovider
+	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=3600 -p no:cacheprovider
 
 # Kaggle (docs/kaggle.md): the folders for `kaggle datasets create -p` and `kaggle kernels push -p`.
 # KAGGLE_USER defaults to $KAGGLE_USERNAME or the username in ~/.kaggle/kaggle.json.

@@ -47,7 +47,7 @@ def train_here(run_dir):
     return train(stage, build_trainer(stage, attach_lora(stage, load_base_model(stage)), load_tokenizer(stage)))
 
 
-def train_cli(run_dir, patch="", timeout=600, **popen):
+def train_cli(run_dir, patch="", timeout=3600, **popen):
     """`python -m qlora_helpers train --run-dir RUN_DIR` in its own process, after `patch` (Python run first)."""
     code = patch + "\nimport sys\nfrom qlora_helpers.__main__ import main\nsys.exit(main(['train', '--run-dir', sys.argv[1]]))"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -192,7 +192,7 @@ def test_sigkills_while_config_json_is_written_leave_the_old_one_or_the_new_one(
     run_dir = tmp_path / "run"
     start_stage("test", {}, str(run_dir))
     killed = subprocess.run([sys.executable, "-c", DIE_BEFORE_THE_CONFIG_IS_RENAMED, str(run_dir)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=3600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert load_config(run_dir).train.max_steps == 4  # the old one, whole
     assert start_stage("test", {"train.max_steps": 8}, str(run_dir)).cfg.train.max_steps == 8
