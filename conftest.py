@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 NBMAKE_PARAMETERS = {"PROFILE": "test", "OVERRIDES": {}}
@@ -26,7 +28,9 @@ def pytest_configure(config):
     nb_run.NotebookClient = type("LocalNotebookClient", (LocalKernel, NotebookClient), {})
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
+    run_together(items)
     notebooks = [item for item in items if getattr(item, "nbmake", False)]
     if not notebooks:
         return
@@ -43,3 +47,20 @@ def pytest_collection_modifyitems(session, config, items):
         copy.parent.mkdir(exist_ok=True)
         nbformat.write(nb, copy)
         item.filename = str(copy)
+
+
+def run_together(items):
+    """What must share one process under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), as an
+    xdist_group: the notebooks (in order, on one run directory), and each test module (its module-scoped fixtures
+    are made once); a group a test names itself (`embedded`: the tests of the suite's one embedded run) stays. The
+    longest group, `embedded`, goes first, so that it does not start last and run alone."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group("notebooks" if getattr(item, "nbmake", False)
+                                                    else item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: _group(item) != "embedded")
+
+
+def _group(item):
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0] if mark.args else mark.kwargs.get("name")
