@@ -1,8 +1,6 @@
 """Run the numbered notebooks in order with papermill, one fresh kernel each, into one run directory."""
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -84,20 +82,34 @@ def notebook_path(name: str) -> Path:
 def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path, log_output: bool = True) -> None:
     """One notebook through papermill. papermill writes the executed notebook as it goes, in place; here it
     writes into notebooks/.running/ and the result is moved over the previous one when the notebook ends (also
-    when it fails, with its error cell), so a kill or a full disk never leaves a notebook cut short."""
+    when it fails, with its error cell), so a kill or a full disk never leaves a notebook cut short. The kernel's
+    own output goes to notebooks/NAME.kernel.log (qlora_helpers/kernels.py says why)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    from .kernels import ENGINE, Stop
+
     running = ensure_dir(out.parent / ".running") / out.name
+    kernel_log = out.with_suffix(".kernel.log")
+    with open(kernel_log, "a", encoding="utf-8") as log:
+        log.write(f"=== {nb.name}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    stop = Stop()
     try:
         interruptible(lambda: pm.execute_notebook(
             str(nb), str(running), parameters=params, kernel_name=kernel, cwd=str(cwd), progress_bar=False,
-            log_output=log_output, stdout_file=sys.stdout, stderr_file=sys.stderr))
+            log_output=log_output, engine_name=ENGINE, stop=stop, kernel_log=kernel_log, stdout_file=sys.stdout,
+            stderr_file=sys.stderr), stop)
     except PapermillExecutionError as exc:
         keep_executed(running, out)
         first = (exc.evalue or "").strip().splitlines()
         raise StageFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
                           f"{shorten(first[0], 1000) if first else ''} (executed notebook: {out})") from None
+    except RuntimeError as exc:  # nbclient's DeadKernelError, jupyter_client's "Kernel died before replying"
+        if "died" not in str(exc):
+            raise
+        keep_executed(running, out)
+        raise StageFailed(f"{nb.name}: its kernel died ({str(exc).strip()}; killed for lack of memory?); the "
+                          f"kernel's own output: {kernel_log}") from None
     except OSError as exc:  # papermill could not write the notebook (a full disk): the previous one is kept
         if not failed_write(exc):
             raise
@@ -106,11 +118,17 @@ def execute(nb: Path, out: Path, params: dict[str, Any], kernel: str, cwd: Path,
     keep_executed(running, out)
 
 
-def interruptible(work) -> None:
+# How long a stopped notebook may take to end (the interrupted cell's cleanup, the kernel's shutdown) before its
+# kernel is killed.
+STOP_GRACE_S = 30
+
+
+def interruptible(work, stop) -> None:
     """Run papermill where Ctrl-C can stop it. In the main thread, nbclient takes SIGINT for itself and, between
     cells, swallows it: the run went on as if nothing had been pressed. In a worker thread it cannot, so Ctrl-C
-    reaches this thread, which interrupts the notebook's kernel (the running cell stops with KeyboardInterrupt),
-    kills it if it lingers, and raises KeyboardInterrupt for the command line to say how to resume."""
+    reaches this thread, which tells ``stop`` (a running cell stops with KeyboardInterrupt, no further cell or kernel
+    starts, nbclient shuts the kernel down), waits for the notebook to end (killing its kernel if it lingers, or at
+    a second Ctrl-C), and raises KeyboardInterrupt for the command line to say how to resume."""
     import threading
 
     done, outcome = threading.Event(), {}
@@ -128,31 +146,16 @@ def interruptible(work) -> None:
         while not done.wait(0.2):  # not Thread.join: an interrupted join can report a live thread as ended
             pass
     except KeyboardInterrupt:
-        for sig in (signal.SIGINT, signal.SIGKILL):
-            for pid in kernel_processes():
-                try:
-                    os.killpg(pid, sig)
-                except OSError:
-                    pass
-            if done.wait(10):
-                break
+        stop.stop()
+        try:
+            if not done.wait(STOP_GRACE_S):
+                stop.kill()
+                done.wait(STOP_GRACE_S)
+        except KeyboardInterrupt:  # pressed again: no more waiting
+            stop.kill()
         raise
     if "error" in outcome:
         raise outcome["error"]
-
-
-def kernel_processes() -> list[int]:
-    """This process's children that lead their own session: the notebook kernels jupyter_client started (Linux)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry.parent.name)
-        if int(fields[1]) == os.getpid() and int(fields[3]) == pid:  # parent is us, session id is its own pid
-            found.append(pid)
-    return found
 
 
 def keep_executed(running: Path, out: Path) -> None:

@@ -20,7 +20,26 @@ def smol_tokenizer():
     return load_tokenizer(Stage(build_config("test")))
 
 
-def run_cli(*args, timeout=900, env=None, cwd=None):
+# A fake Hugging Face token: a run sees it like a real one and must never write or print it anywhere.
+TOKEN_CANARY = "hf_FAKE_leak_canary_1234567890"
+
+
+@pytest.fixture(scope="session")
+def embedded_run(tmp_path_factory):
+    """`python -m qlora_helpers run` on the default profile, as a user's `make run` (about 11 minutes on 2 cores),
+    made once for the suite: test_pipeline checks the run, test_shipped_scores its scores. The HF token canary is
+    set, so that the run can be searched for it."""
+    import json
+
+    run_dir = tmp_path_factory.mktemp("embedded") / "run"
+    proc = run_cli("run", "--profile", "embedded", "--run-dir", str(run_dir), env={"HF_TOKEN": TOKEN_CANARY})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc, json.loads((run_dir / "summary.json").read_text())
+
+
+# Timeouts only catch a hang: far above what a loaded 2-core machine takes (a pipeline on the embedded profile took
+# 50+ minutes with three other pipelines running beside it).
+def run_cli(*args, timeout=7200, env=None, cwd=None):
     import subprocess
 
     full_env = {**os.environ, **(env or {})}

@@ -12,7 +12,7 @@ from conftest import REPO
 LENGTHS = [[p, p + r] for p, r in ((30, 40), (45, 80), (60, 20), (25, 150), (80, 60), (40, 35))]
 
 
-def _bench(tmp_path, script, *args, timeout=600):
+def _bench(tmp_path, script, *args, timeout=3600):
     lengths = tmp_path / "lengths.json"
     lengths.write_text(json.dumps(LENGTHS))
     env = {k: v for k, v in os.environ.items() if k not in ("QLORA_PROFILE", "QLORA_RUN_DIR")}

@@ -34,7 +34,7 @@ def source_of(path, **overrides):
 def test_check_data_on_the_real_alpaca_sample():
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data/alpaca_small.json is not beside this checkout")
-    result = run_cli("check-data", str(SHARED_DATA), "--max-seq-len", "256", timeout=600)
+    result = run_cli("check-data", str(SHARED_DATA), "--max-seq-len", "256")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "rows read: 2,000" in out and "alpaca format" in out
@@ -75,7 +75,7 @@ def test_malformed_file_is_one_clear_line(capfd, name, extra, expected):
 
 def test_malformed_file_from_the_command_line_has_no_traceback():
     # In a real process: no traceback and none of the loader's own log lines, just the one error line.
-    result = run_cli("check-data", str(FIXTURES / "number_in_output.jsonl"), timeout=300)
+    result = run_cli("check-data", str(FIXTURES / "number_in_output.jsonl"))
     assert result.returncode == 2 and not result.stdout
     assert result.stderr.strip().splitlines() == [
         f"error: {FIXTURES / 'number_in_output.jsonl'}: line 3: field 'output' is a number (4), expected text"]

@@ -119,7 +119,7 @@ def test_save_steps_must_be_a_multiple_of_eval_steps():
 
 @pytest.mark.parametrize("override, key", [("lora.r=abc", "lora.r"), ("no_such_key=1", "no_such_key")])
 def test_cli_rejects_a_bad_override_at_once_in_one_line(override, key, tmp_path):
-    proc = run_cli("run", "--run-dir", str(tmp_path / "run"), "-p", override, timeout=60)
+    proc = run_cli("run", "--run-dir", str(tmp_path / "run"), "-p", override)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and "Traceback" not in proc.stderr
@@ -127,12 +127,12 @@ def test_cli_rejects_a_bad_override_at_once_in_one_line(override, key, tmp_path)
 
 
 def test_unknown_profile(tmp_path):
-    proc = run_cli("run", "--profile", "nope", "--run-dir", str(tmp_path), timeout=60)
+    proc = run_cli("run", "--profile", "nope", "--run-dir", str(tmp_path))
     assert proc.returncode == 2 and "unknown profile 'nope'" in proc.stderr
 
 
 def test_profiles_command_lists_every_key():
-    proc = run_cli("profiles", timeout=60)
+    proc = run_cli("profiles")
     assert proc.returncode == 0
     for key in build_config("embedded").flat():
         assert key in proc.stdout
@@ -179,5 +179,5 @@ def test_a_bad_recipe_file_is_one_line_naming_the_file_and_key(tmp_path, text, f
 def test_the_cli_takes_a_recipe_file(tmp_path):
     mine = tmp_path / "my.yaml"
     mine.write_text("base: test\nlora:\n  r: zero\n")
-    proc = run_cli("run", "--config", str(mine), "--run-dir", str(tmp_path / "run"), timeout=60)
+    proc = run_cli("run", "--config", str(mine), "--run-dir", str(tmp_path / "run"))
     assert proc.returncode == 2 and "config key 'lora.r' in" in proc.stderr and str(mine) in proc.stderr

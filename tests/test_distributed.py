@@ -66,7 +66,7 @@ def _run_dir(tmp_path, model_folder, max_steps=STEPS, **overrides):
     return cfg
 
 
-def _launch(run_dir, num_processes, timeout=600):
+def _launch(run_dir, num_processes, timeout=3600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(launch_command(run_dir, num_processes), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -59,7 +59,7 @@ sys.exit(reporting_errors(lambda: train_here(sys.argv[1]) and 0, "train"))
 """
 
 
-def train_cli(run_dir, patch="", timeout=600, **popen):
+def train_cli(run_dir, patch="", timeout=3600, **popen):
     """Training in its own process, as notebook 03's cells do it, after `patch` (Python run first), with the command
     line's one-line errors: a SIGKILL there is a kill of the process that trains."""
     code = patch + TRAIN_PROCESS.format(benchmarks=str(REPO / "benchmarks"), tests=str(REPO / "tests"))
@@ -222,7 +222,7 @@ def test_sigkills_while_config_json_is_written_leave_the_old_one_or_the_new_one(
     run_dir = tmp_path / "run"
     start_stage("test", {}, str(run_dir))
     killed = subprocess.run([sys.executable, "-c", DIE_BEFORE_THE_CONFIG_IS_RENAMED, str(run_dir)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=3600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert load_config(run_dir).train.max_steps == 4  # the old one, whole
     assert start_stage("test", {"train.max_steps": 8}, str(run_dir)).cfg.train.max_steps == 8

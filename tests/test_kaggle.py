@@ -253,14 +253,14 @@ def test_the_installer_changes_only_what_requirements_kaggle_names_online_and_of
     # With the internet (PyPI): pip's plan, without installing.
     report = tmp_path / "report.json"
     proc = subprocess.run(installer + ["--use-index", "--dry-run", str(report)], capture_output=True, text=True,
-                          env=_pip_env(), timeout=600)
+                          env=_pip_env(), timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     plan = {kaggle_install.normalize(i["metadata"]["name"]): i["metadata"]["version"]
             for i in json.loads(report.read_text())["install"]}
     assert plan == expected
 
     # Offline: every wheel from the dataset, no index; installed for real.
-    proc = subprocess.run(installer, capture_output=True, text=True, env=_pip_env(), timeout=600)
+    proc = subprocess.run(installer, capture_output=True, text=True, env=_pip_env(), timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "from the dataset alone (offline)" in proc.stdout
     after = _installed(python)

@@ -322,8 +322,7 @@ def phi3_mini_config_dir(tmp_path_factory):
 
 
 def test_inspect_model_names_unmatched_targets_in_one_line(phi3_mini_config_dir):
-    proc = run_cli("inspect-model", "--model", str(phi3_mini_config_dir), "--random-weights", "--target-modules", SEED_TARGETS,
-                   timeout=300)
+    proc = run_cli("inspect-model", "--model", str(phi3_mini_config_dir), "--random-weights", "--target-modules", SEED_TARGETS)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr

@@ -50,15 +50,15 @@ FAST = ["-p", "train.max_steps=2", "-p", "eval.num_prompts=2", "-p", "data.train
 
 
 def test_check_data_inspect_model_and_run_accept_the_same_relative_paths(workspace):
-    checked = run_cli("check-data", "my_data.jsonl", "--model", "models/tiny", cwd=workspace, timeout=300)
+    checked = run_cli("check-data", "my_data.jsonl", "--model", "models/tiny", cwd=workspace)
     assert checked.returncode == 0, checked.stderr
     assert f"rows read: {len(ROWS)}" in checked.stdout and str(workspace / "my_data.jsonl") in checked.stdout
-    inspected = run_cli("inspect-model", "--model", "models/tiny", "--random-weights", cwd=workspace, timeout=300)
+    inspected = run_cli("inspect-model", "--model", "models/tiny", "--random-weights", cwd=workspace)
     assert inspected.returncode == 0, inspected.stderr
     assert str(workspace / "models" / "tiny") in inspected.stdout
 
     done = run_cli("run", "--profile", "test", "--run-dir", "runs/mine", "-p", "data.source=my_data.jsonl",
-                   "-p", "model.name=models/tiny", *FAST, cwd=workspace, timeout=900)
+                   "-p", "model.name=models/tiny", *FAST, cwd=workspace)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = workspace / "runs" / "mine"
     saved = json.loads((run_dir / "config.json").read_text())
@@ -71,11 +71,11 @@ def test_check_data_inspect_model_and_run_accept_the_same_relative_paths(workspa
 def test_from_the_repository_root_a_relative_data_path_is_found(workspace, tmp_path):
     relative = "../" * len(REPO.parts) + str(workspace / "my_data.jsonl").lstrip("/")  # relative to the repo root
     done = run_cli("run", "--profile", "test", "--run-dir", str(tmp_path / "run"), "-p", f"data.source={relative}",
-                   "-p", f"model.name={workspace / 'models' / 'tiny'}", *FAST, cwd=REPO, timeout=900)
+                   "-p", f"model.name={workspace / 'models' / 'tiny'}", *FAST, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["source"] == str(workspace / "my_data.jsonl")
 
 
 def test_a_relative_path_that_does_not_exist_is_named_absolutely(tmp_path):
-    proc = run_cli("check-data", "nope.jsonl", cwd=tmp_path, timeout=120)
+    proc = run_cli("check-data", "nope.jsonl", cwd=tmp_path)
     assert proc.returncode == 2 and str(tmp_path / "nope.jsonl") in proc.stderr and "no such file" in proc.stderr

@@ -1,11 +1,10 @@
-"""The papermill pipeline end to end, through the CLI, on the fast `test` profile."""
+"""The papermill pipeline end to end, through the CLI: the default profile's run that the suite makes once
+(`embedded_run`, tests/conftest.py; test_shipped_scores checks its scores), and a failing stage on the `test` profile."""
 import json
 
-from conftest import REPO, run_cli
+import pytest
 
-
-# A fake Hugging Face token: the run sees it like a real one and must never write or print it anywhere.
-TOKEN_CANARY = "hf_FAKE_leak_canary_1234567890"
+from conftest import REPO, TOKEN_CANARY, run_cli
 
 
 def assert_token_never_leaks(run_dir, proc):
@@ -16,18 +15,19 @@ def assert_token_never_leaks(run_dir, proc):
     assert TOKEN_CANARY not in proc.stdout and TOKEN_CANARY not in proc.stderr, "the HF token was printed"
 
 
-def test_pipeline_runs_every_notebook_and_writes_the_summary(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli("run", "--profile", "test", "--run-dir", str(run_dir), env={"HF_TOKEN": TOKEN_CANARY})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.xdist_group("embedded")
+def test_pipeline_runs_every_notebook_and_writes_the_summary(embedded_run):
+    run_dir, proc, s = embedded_run
     assert_token_never_leaks(run_dir, proc)
+    # The notebook kernels' own messages (ipykernel's log lines) stay in their logs, off the terminal.
+    assert "[IPKernelApp]" not in proc.stderr and "without encryption" not in proc.stderr, proc.stderr[-3000:]
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
     assert executed == sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    s = json.loads((run_dir / "summary.json").read_text())
-    assert s["profile"] == "test"
+    assert s["profile"] == "embedded"
     assert s["params"]["total"] > 130e6 and 0 < s["params"]["trainable"] < s["params"]["total"]
     assert s["memory"]["peak_gpu_reserved_gib"] is None and s["memory"]["peak_rss_gib"] > 0
-    assert s["train"]["steps"] == 4 and s["train"]["examples_seen"] == 16
+    # qlora_helpers/recipes/embedded.yaml: 0.8 epochs of the 1,000 training examples, 8 a step
+    assert s["train"]["steps"] == 100 and s["train"]["examples_seen"] == 800
     assert s["train"]["tokens_seen"] > 0 and s["train"]["wall_s"] > 0
     for key in ("val_loss_before", "val_loss_after", "exact_match_before", "exact_match_after"):
         assert s["eval"][key] is not None
@@ -37,7 +37,8 @@ def test_pipeline_runs_every_notebook_and_writes_the_summary(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "validation loss" in report and "transformers" in report
     lines = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if l["kind"] == "train"] == [1, 2, 3, 4]
+    every = json.loads((run_dir / "config.json").read_text())["train"]["logging_steps"]
+    assert [l["step"] for l in lines if l["kind"] == "train"] == list(range(every, 101, every))
     assert_benchmarks_build_what_the_notebooks_built(run_dir)
 
 
@@ -73,13 +74,13 @@ def assert_benchmarks_build_what_the_notebooks_built(run_dir):
 def test_a_failing_stage_names_the_notebook_and_the_error(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "2 + 2?", "output": 4}\n')  # found, but wrong inside
     proc = run_cli("run", "--profile", "test", "--run-dir", str(tmp_path / "run"),
-                   "-p", f"data.source={tmp_path / 'bad.jsonl'}", timeout=300)
+                   "-p", f"data.source={tmp_path / 'bad.jsonl'}")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert "01_data_preparation.ipynb failed in cell" in last and "DataError" in last and "bad.jsonl" in last
     assert not (tmp_path / "run" / "notebooks" / "02_quantized_model_loading.ipynb").exists()
     # A file that is not there at all is refused before a run directory is made.
     proc = run_cli("run", "--profile", "test", "--run-dir", str(tmp_path / "run2"),
-                   "-p", f"data.source={tmp_path / 'missing.jsonl'}", timeout=300)
+                   "-p", f"data.source={tmp_path / 'missing.jsonl'}")
     assert proc.returncode == 2 and "missing.jsonl': no such file or folder" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run2").exists()

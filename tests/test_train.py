@@ -28,36 +28,69 @@ def last_checkpoint(run_dir):
 def _cli(run_dir, *extra):
     env = dict(os.environ)
     return [sys.executable, "-m", "qlora_helpers", "run", "--profile", "test", "--run-dir", str(run_dir),
-            "-p", "train.max_steps=10", *extra], env
+            "-p", "eval.export_merged=false", *extra], env
+
+
+# An IPython startup file for the notebook kernels (IPYTHONDIR): once the Trainer has written the checkpoint of step
+# PAUSE_AT, it says so in a file and waits there, so that the kill comes at that exact moment, not at whatever moment
+# a poll from outside happens to see.
+PAUSE_AFTER_CHECKPOINT = """
+import importlib.abc, importlib.util, os, sys, time
+
+class PauseAfterCheckpoint(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            save = module.Trainer._save_checkpoint
+
+            def paused(trainer, *args, **kwargs):
+                save(trainer, *args, **kwargs)
+                if trainer.state.global_step == int(os.environ["PAUSE_AT"]):
+                    open(os.environ["PAUSED"], "w").close()
+                    time.sleep(3600)
+
+            module.Trainer._save_checkpoint = paused
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, PauseAfterCheckpoint())
+"""
 
 
 def test_sigkill_during_training_then_the_same_command_resumes(tmp_path):
     run_dir = tmp_path / "run"
     cmd, env = _cli(run_dir)
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "pause.py").write_text(PAUSE_AFTER_CHECKPOINT)
+    paused = tmp_path / "paused"
     # Its own process group, so the kill takes the notebook kernel too, as when a Kaggle session ends.
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 600
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**env, "IPYTHONDIR": str(tmp_path / "ipython"), "PAUSE_AT": "2", "PAUSED": str(paused)})
     try:
-        while last_checkpoint(run_dir) is None:
-            assert proc.poll() is None, "the pipeline ended before writing a checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.5)
+        while not paused.exists():
+            assert proc.poll() is None, "the pipeline ended before the checkpoint of step 2"
+            time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = int(last_checkpoint(run_dir).rsplit("-", 1)[-1])
-    assert killed_at < 10
+    assert last_checkpoint(run_dir).endswith("checkpoint-2")  # and training was at step 2 of 4
 
-    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=7200)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["train"]["steps"] == 10
-    assert summary["train"]["resumed_from_step"] is not None and summary["train"]["resumed_from_step"] >= killed_at
+    assert summary["train"]["steps"] == 4 and summary["train"]["resumed_from_step"] == 2
     lines = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if l["kind"] == "train"] == list(range(1, 11))
+    assert [l["step"] for l in lines if l["kind"] == "train"] == [1, 2, 3, 4]
     evals = [l["step"] for l in lines if l["kind"] == "eval"]
-    assert evals == sorted(set(evals)) == [2, 4, 6, 8, 10]
+    assert evals == sorted(set(evals)) == [2, 4]
 
 
 def _checkpoint(folder, step):
