@@ -1,6 +1,7 @@
 """Run the numbered notebooks in order with papermill, one fresh kernel each, into one run directory."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path

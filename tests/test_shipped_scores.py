@@ -20,6 +20,8 @@ it agreed on only 54-57 of 60 answers and missed that bar once in CI: docs/bench
 
 The run is the suite's shared `embedded_run` (tests/conftest.py).
 """
+import json
+
 import pytest
 
 pytestmark = pytest.mark.xdist_group("embedded")  # the one embedded run: one process makes it for both modules
