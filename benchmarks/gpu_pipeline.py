@@ -207,6 +207,7 @@ def part_t4(ctx: Ctx) -> dict:
     res["install_cell"] = measure.cell_text(t4 / "executed.ipynb", "kaggle-install").strip()[-1500:]
     caps = measure.read_jsonl(t4 / "cap.jsonl")
     res["capped_processes"] = caps
+    res["cap_probe"] = measure.read_jsonl(t4 / "cap.jsonl.probe")  # what the kernel's startup file found (cell_stats.py)
     kernel_pids = {p for s in res["stages"].values() for p in s["pids"]}
     res["cap_reached_every_cuda_process"] = None if ctx.smoke else \
         bool(caps) and all(not c.get("error") for c in caps) and kernel_pids <= {c["pid"] for c in caps}
@@ -222,7 +223,7 @@ def part_t4(ctx: Ctx) -> dict:
         shutil.copytree(run_dir, ctx.logs / "t4-run", ignore=measure.big_files)
     peaks = {k: s["gpu_reserved_peak_gib"] for k, s in res["stages"].items() if s["gpu_reserved_peak_gib"] is not None}
     res["over_limit"] = {k: v for k, v in peaks.items() if v > STAGE_LIMIT_GIB}
-    for name in ("executed.ipynb", "cells.jsonl", "cap.jsonl", "plan.json", "device.jsonl"):
+    for name in ("executed.ipynb", "cells.jsonl", "cap.jsonl", "cap.jsonl.probe", "plan.json", "device.jsonl"):
         if (t4 / name).is_file():
             shutil.copy(t4 / name, ctx.logs / f"t4-{name}")
     return res

@@ -10,6 +10,11 @@ source), wall time, and for the cell alone
 * peak resident memory: VmHWM from /proc/self/status where the cell raised it (exact), otherwise sampled VmRSS;
 * bytes written: /proc/self/io write_bytes (what reached the page cache for a disk) and wchar (every write call);
 * the allocator's memory fraction in force (torch.cuda.get_per_process_memory_fraction): the cap, seen from inside.
+
+The cap (QLORA_BENCH_GPU_CAP_GIB) is also applied from here: on the H200 on 2026-12-03 the kernel ran with no cap
+and no line in QLORA_BENCH_CAP_LOG although sitecustomize.py's hook is on its PYTHONPATH, so before each cell, once
+the notebook has imported torch, this queues the same call (or, where CUDA is already initialised uncapped, makes it
+at once) unless it is queued or in force already. What it found is one line in QLORA_BENCH_CAP_LOG + ".probe".
 """
 
 
@@ -62,8 +67,60 @@ def _install_cell_stats():
             found["fraction"] = None
         return found
 
-    state = {"cell": None}
+    state = {"cell": None, "cap_done": False}
     lock = threading.Lock()
+    try:
+        cap_gib = float(os.environ.get("QLORA_BENCH_GPU_CAP_GIB") or 0)
+    except ValueError:
+        cap_gib = 0.0
+    cap_log = os.environ.get("QLORA_BENCH_CAP_LOG")
+
+    def log_line(target, record):
+        if target:
+            with open(target, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def apply_cap(how):
+        torch = sys.modules["torch"]
+        record = {"pid": os.getpid(), "argv": sys.argv[:4], "cap_gib": cap_gib, "time": time.time(), "devices": [],
+                  "via": "ipython-startup: " + how}
+        try:
+            for index in range(torch.cuda.device_count()):
+                total = torch.cuda.get_device_properties(index).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * gib / total), index)
+                record["devices"].append({"index": index, "total_gib": round(total / gib, 2),
+                                          "fraction": round(min(1.0, cap_gib * gib / total), 6),
+                                          "reserved_gib_then": round(torch.cuda.memory_reserved(index) / gib, 3)})
+        except Exception as exc:  # noqa: BLE001 - never break the kernel
+            record["error"] = f"{type(exc).__name__}: {exc}"
+        log_line(cap_log, record)
+
+    def ensure_cap():
+        """Before a cell: the cap queued or in force once torch is imported (see the module's docstring)."""
+        torch = sys.modules.get("torch")
+        if state["cap_done"] or cap_gib <= 0 or torch is None or not hasattr(torch, "cuda"):
+            return
+        state["cap_done"] = True
+        sc = sys.modules.get("sitecustomize")
+        probe = {"pid": os.getpid(), "sitecustomize": getattr(sc, "__file__", None),
+                 "pythonpath": os.environ.get("PYTHONPATH"), "sys_path_head": sys.path[:4],
+                 "finder_waiting": any(type(f).__name__ == "_AfterTorchImport" for f in sys.meta_path)}
+        try:
+            if torch.cuda.is_initialized():
+                fraction = torch.cuda.get_per_process_memory_fraction(device)
+                probe.update(cuda_initialized=True, fraction=fraction)
+                if fraction >= 0.999:
+                    apply_cap("CUDA already initialised without the cap; applied at once")
+                    probe["action"] = "applied at once"
+            else:
+                queued = [getattr(c[0], "__qualname__", "") for c in getattr(torch.cuda, "_queued_calls", [])]
+                probe.update(cuda_initialized=False, queued=queued)
+                if not any("_AfterTorchImport" in q or "apply_cap" in q for q in queued):
+                    torch.cuda._lazy_call(lambda: apply_cap("queued before CUDA initialisation"))
+                    probe["action"] = "queued"
+        except Exception as exc:  # noqa: BLE001
+            probe["error"] = f"{type(exc).__name__}: {exc}"
+        log_line(cap_log + ".probe" if cap_log else None, probe)
 
     def sampler():
         while True:
@@ -80,6 +137,7 @@ def _install_cell_stats():
                     cell["allocated_max"] = max(cell["allocated_max"], gpu["allocated"])
 
     def pre(info):
+        ensure_cap()
         gpu = cuda() or {}
         state["cell"] = {"t0": time.time(), "hwm0": status("VmHWM") or 0, "io0": io(), "gpu0": gpu,
                          "rss_max": status("VmRSS") or 0, "reserved_max": gpu.get("reserved", 0),
