@@ -24,7 +24,7 @@ run: setup
 	$(PY) -m qlora_helpers run --profile $(PROFILE) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(P)
 
 test: setup
-	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=3600 -p no:cacheprovider -n 2 --dist loadgroup --durations=30
+	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=3600 -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder --durations=30
 
 # The outputs notebooks/ is committed with: one fresh run of the embedded profile (tools/notebook_outputs.py).
 # Run it after changing a notebook's cells (tests/test_notebooks.py fails until then), then make kaggle-notebook.
