@@ -143,3 +143,18 @@ def test_the_cap_is_applied_to_every_gpu_and_logged(tmp_path, monkeypatch):
     assert calls == [(15 / 140, 0), (15 / 140, 1)]
     line = json.loads((tmp_path / "cap.jsonl").read_text())
     assert [d["fraction"] for d in line["devices"]] == [round(15 / 140, 6)] * 2 and "error" not in line
+
+
+def test_the_cap_hook_survives_a_look_up_of_torch_before_its_import():
+    """On the H200 (2026-12-03) the kernel ran uncapped: an availability check's importlib.util.find_spec("torch")
+    used up the hook before the real import. The cap must be queued whether or not torch is looked up first."""
+    import os
+    import subprocess
+
+    code = ("import importlib.util, sys\n" + "{probe}" + "import torch\n"
+            "print(any('_AfterTorchImport' in getattr(c[0], '__qualname__', '') for c in torch.cuda._queued_calls))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "benchmarks" / "pipeline_hooks"), "QLORA_BENCH_GPU_CAP_GIB": "15"}
+    for probe in ("", "importlib.util.find_spec('torch')\n"):
+        done = subprocess.run([sys.executable, "-c", code.format(probe=probe)], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.stdout.strip() == "True", (probe, done.stdout, done.stderr[-500:])
