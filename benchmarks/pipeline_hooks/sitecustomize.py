@@ -52,22 +52,35 @@ def _cap_gib() -> float:
 
 
 class _AfterTorchImport:
-    """A meta path finder that lets the real finders find torch, then queues the cap once torch has loaded."""
+    """A meta path finder that lets the real finders find torch, then queues the cap once torch has loaded. It stays
+    on sys.meta_path until torch is executed: a look-up alone (importlib.util.find_spec("torch"), as availability
+    checks make before any import) must not use it up, which the first version did (the H200 run of 2026-12-03 ran
+    its kernel uncapped until pipeline_hooks/cell_stats.py applied the cap)."""
+
+    busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "torch":
+        if name != "torch" or self.busy:
             return None
-        sys.meta_path.remove(self)
-        spec = None
-        for finder in sys.meta_path:
-            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None:
-                break
+        self.busy = True
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                if finder is self:
+                    continue
+                spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+                if spec is not None:
+                    break
+        finally:
+            self.busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
+        finder = self
 
         def exec_then_queue(module):
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             exec_module(module)
             cap = _cap_gib()
             module.cuda._lazy_call(lambda: apply_cap(cap))
