@@ -80,7 +80,7 @@ def _group(item):
 def pytest_collection_finish(session):
     """Under `--dist loadgroup` every test must carry its group in its id (pytest-xdist appends `@group`): if a
     pytest release stops honouring that, the notebooks would run apart on two run directories, so say so at once."""
-    if session.config.getvalue("loadgroup") and os.environ.get("PYTEST_XDIST_WORKER"):
+    if getattr(session.config.option, "loadgroup", False) and os.environ.get("PYTEST_XDIST_WORKER"):
         lost = [item.nodeid for item in session.items if "@" not in item.nodeid.rsplit("]", 1)[-1]]
         if lost:
             raise pytest.UsageError(f"pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more); pin the pytest "
