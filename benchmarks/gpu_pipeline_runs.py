@@ -3,6 +3,7 @@ in fp16 and in bf16, and the fp16 run killed mid-training and started again (gpu
 each records). The launches share the GPU at once; on the CPU (smoke mode) they run one after another."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -11,7 +12,12 @@ from pathlib import Path
 import gpu_pipeline_measure as measure
 
 REPO = Path(__file__).resolve().parent.parent
-PRECISIONS = {"fp16": {"quant.compute_dtype": "float16"}, "bf16": {"quant.compute_dtype": "bfloat16"}}
+PRECISIONS = {"fp16": {"quant.compute_dtype": "float16"}, "bf16": {"quant.compute_dtype": "bfloat16"},
+              # bf16 training, the merged model stored and compared in bfloat16 instead of float16: which of the two
+              # answers as the bf16-evaluated model did (issue 24); run with GPU_PIPELINE_PRECISIONS=bf16,bf16-ship-bf16
+              "bf16-ship-bf16": {"quant.compute_dtype": "bfloat16", "eval.export_dtype": "bfloat16"}}
+# Which quality runs a call makes (the resume part always continues the fp16 one).
+CHOSEN = [p for p in os.environ.get("GPU_PIPELINE_PRECISIONS", "fp16,bf16").split(",") if p]
 # The embedded profile also writes and scores GGUF files (eval.export_gguf: f16, q8_0), which needs llama.cpp's
 # converter in a folder of its own (make setup's .venv/gguf-converter); it is not carried to the GPU machine, and
 # the GGUF rows are not what issue 24 compares (the shipped merged model against the evaluated one): none made.
@@ -89,7 +95,7 @@ def part_quality_resume(ctx, parts: list[str]) -> dict:
     runs = ctx.work / "runs"
     pending = []  # (name, start): on the GPU all at once (three runs fit it many times over); on the CPU one by one
     if "quality" in parts:
-        for precision in PRECISIONS:
+        for precision in CHOSEN:
             shutil.rmtree(runs / f"quality-{precision}", ignore_errors=True)
             pending.append((precision, lambda p=precision: Job(ctx, f"quality-{p}",
                                                                 pipeline_cmd(ctx, runs / f"quality-{p}", p))))
@@ -115,7 +121,7 @@ def part_quality_resume(ctx, parts: list[str]) -> dict:
     if "quality" in parts:
         out["quality"] = {"profile": "embedded", "overrides": {**QUALITY_BASE, **(SMOKE_QUALITY if ctx.smoke else {})}, "precisions": {
             p: {"overrides": PRECISIONS[p], **(jobs[p].result() if p in jobs else {"status": "not started: no time left"}),
-                **quality_of(runs / f"quality-{p}")} for p in PRECISIONS}}
+                **quality_of(runs / f"quality-{p}")} for p in CHOSEN}}
     if "resume" in parts:
         out["resume"] = killer.result(runs / "quality-fp16") if killer else {"status": "not started: no time left"}
     for d in sorted(runs.iterdir()) if runs.is_dir() else []:
