@@ -11,6 +11,13 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["QLORA_BATCH"] = "1"  # the notebooks run unattended here: no widgets waiting for input
+# Under pytest-xdist (`make test`: two workers) each worker gets its share of the cores. Otherwise torch, in every
+# worker and in everything a test starts (CLI runs, notebook kernels), starts a thread per core of the machine, and
+# two workers' threads spinning on two cores run several times slower than one thread each.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(share))
 
 NBMAKE_PARAMETERS = {"PROFILE": "test", "OVERRIDES": {}}
 
