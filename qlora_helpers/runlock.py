@@ -119,6 +119,8 @@ def covered_by_parent(run_dir: str | Path) -> bool:
     that has died): the caller then takes the lock itself while it writes."""
     run_dir = _key(run_dir)
     pid, _, path = os.environ.get(ENV, "").partition(":")
+    if _other_rank():
+        return True
     if run_dir in _held:
         return False
     f = _open(run_dir)
@@ -134,6 +136,14 @@ def covered_by_parent(run_dir: str | Path) -> bool:
     finally:
         f.close()
     return False
+
+
+def _other_rank() -> bool:
+    """A process of a data-parallel launch other than its main one (accelerate and torchrun set RANK and WORLD_SIZE,
+    and the notebook kernel each process starts inherits them). Under the main process every write of the run
+    directory is made, and its lock held, for all of them: were each to lock it too, the processes would refuse
+    each other (seen when two ranks started their notebook at once)."""
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("RANK") or 0) > 0
 
 
 _HOLDS: set = set()
