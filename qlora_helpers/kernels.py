@@ -138,6 +138,13 @@ class PipelineClient(LocalKernel, PapermillNotebookClient):
             self.stop.cell_running(self.km.provisioner.pid)
         return super().process_message(msg, cell, cell_index)
 
+    def log_output_message(self, output):
+        """What a cell prints reaches the terminal until Ctrl-C; after it, only the executed notebook keeps it. An
+        interrupted cell can print a traceback of its own: IPython's, when the KeyboardInterrupt lands where its
+        traceback formatter fails (seen in an import: "assert isinstance(frame_info.lineno, int)")."""
+        if not self.stop.stopped:
+            super().log_output_message(output)
+
 
 class PipelineEngine(NBClientEngine):
     """papermill's nbclient engine with :class:`PipelineClient` (``engine_name="qlora"``)."""
