@@ -201,7 +201,11 @@ def build_kernel_notebook(notebooks: list[Path], version: str) -> dict:
         previous = (notebook.name[:2], defined_names(these), shows_widget)
     cells += [_cell("markdown", "kaggle-outro", OUTRO), _cell("code", "kaggle-plots", SHOW_PLOTS)]
     first = json.loads(notebooks[0].read_text())
-    return {"cells": cells, "metadata": first["metadata"], "nbformat": first["nbformat"],
+    # The kernel's metadata: its kernel spec only. What an executed notebook adds (language_info, the record of
+    # `make notebooks`' run under "qlora") describes outputs this notebook does not carry.
+    metadata = {k: v for k, v in first["metadata"].items() if k == "kernelspec"}
+    metadata["language_info"] = {"name": "python"}
+    return {"cells": cells, "metadata": metadata, "nbformat": first["nbformat"],
             "nbformat_minor": first["nbformat_minor"]}
 
 
