@@ -16,11 +16,9 @@ training's tokens: what llama.cpp or Ollama will feed the model when a user type
 """
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,31 +77,13 @@ def transformers_answers(path: Path, prompts: list[str], prompt_ids: list[list[i
 
     from .evaluate import generate
 
-    with _bars_off_unattended():
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype))
     model.to(stage.device).eval()
     ev = stage.cfg.eval
     answers, _ = generate(model, tokenizer, prompt_ids, ev.max_new_tokens, ev.batch_size, stop_ids)
     del model
     gc.collect()
     return answers, None
-
-
-@contextmanager
-def _bars_off_unattended():
-    """transformers' GGUF reader shows its own tqdm bar, which transformers' disable_progress_bar() does not reach;
-    run unattended (stage.quiet_libraries) a saved notebook would keep it as a widget frozen at 0%."""
-    from transformers import modeling_gguf_pytorch_utils as reader
-
-    from .places import in_notebook, interactive
-
-    shown = reader.tqdm
-    if in_notebook() and not interactive():
-        reader.tqdm = functools.partial(shown, disable=True)
-    try:
-        yield
-    finally:
-        reader.tqdm = shown
 
 
 def score_files(stage, files: list[dict[str, Any]], llama_cpp_version: str | None, tokenizer, examples: list[dict],

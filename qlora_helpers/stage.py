@@ -192,13 +192,19 @@ def quiet_libraries() -> None:
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if in_notebook() and not interactive():
+        import functools
+
         import datasets
         import huggingface_hub.utils
+        import tqdm.auto
         import transformers.utils.logging
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
 
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
         datasets.disable_progress_bars()
+        # transformers' GGUF reader (GGUF scoring in stage 04) has a tqdm of its own that the line above misses
+        gguf_reader.tqdm = functools.partial(tqdm.auto.tqdm, disable=True)
 
 
 def start_stage(profile: str, overrides: dict | str | None, run_dir: str | None) -> Stage:
